@@ -1,0 +1,169 @@
+"""The Encoder contract and the encoder registry.
+
+An encoder is a frozen vision backbone tapped at one feature level:
+`enc(pixels [B,3,H,W]) -> tokens [B,N,D]`, row-major over the tapped grid.
+`enc.model` is the full network in its official key layout (with its head where the official
+model has one), so its `state_dict()` is exactly an official checkpoint and toy pretraining can
+train the head. What the encoder is (family, size, tap, geometry) lives in `enc.spec`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# mmdet / mmseg / detectron2 pixel statistics (0-255 scale divided by 255 here)
+MMDET_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
+MMDET_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
+
+FAMILIES = ("ssm", "hybrid", "vit", "cnn")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Facts about one registered encoder (what), apart from how it is built."""
+
+    name: str  # registry id, e.g. "vmamba-s", "toy-vit"
+    family: str  # ssm | hybrid | vit | cnn
+    variant: str  # human-readable size/config, e.g. "VMamba v2 S (s2l15)"
+    input_size: tuple[int, int]  # (H, W) the encoder is fed
+    tap: str  # e.g. "stage2.layer14+norm", "block-2"
+    stride: int  # stride of the tapped grid in input pixels
+    dim: int  # channels of the tapped tokens
+    policy: str = "letterbox-center"  # default geometry policy (vlmlab.geometry)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    params: int = 0  # parameters of the full model (filled in by load_encoder)
+    source: str = ""  # where the architecture facts come from
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.input_size[0] // self.stride, self.input_size[1] // self.stride)
+
+    @property
+    def tokens(self) -> int:
+        h, w = self.grid
+        return h * w
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tokens"] = self.tokens
+        return d
+
+
+class Encoder(nn.Module):
+    """A vision backbone tapped at one level. Subclasses implement `forward_map`."""
+
+    spec: EncoderSpec
+
+    def __init__(self, model: nn.Module, spec: EncoderSpec):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+
+    def forward_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Feature map at the tap, [B, D, h, w]."""
+        raise NotImplementedError
+
+    def intermediates(self, pixels: torch.Tensor, taps: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Named feature maps ([B, C, h, w]) for probing; default: just the tap."""
+        out = {self.spec.tap: self.forward_map(pixels)}
+        return out if taps is None else {k: v for k, v in out.items() if k in taps}
+
+    def check_input(self, pixels: torch.Tensor) -> None:
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"{self.spec.name}: expected pixels [B,3,H,W], got {tuple(pixels.shape)}")
+        h, w = pixels.shape[-2:]
+        s = self.spec.stride
+        if h % s or w % s:
+            raise ValueError(
+                f"{self.spec.name}: image size {h}x{w} cannot be tiled by the tap's stride {s}; "
+                f"use sizes that are multiples of {s} (native {self.spec.input_size[0]}x{self.spec.input_size[1]})"
+            )
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.check_input(pixels)
+        fmap = self.forward_map(pixels)
+        return fmap.flatten(2).transpose(1, 2)  # [B, h*w, D], row-major
+
+
+# ----------------------------------------------------------------------------------------------
+# registry: name -> factory(weights=None, tap=None, **kwargs) -> Encoder (weights not yet loaded)
+
+_REGISTRY: dict[str, Callable[..., Encoder]] = {}
+
+
+def register_encoder(name: str) -> Callable:
+    def deco(fn: Callable[..., Encoder]) -> Callable[..., Encoder]:
+        if name in _REGISTRY:
+            raise ValueError(f"encoder {name!r} registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def _import_families() -> None:
+    # importing a family module registers its encoders
+    from vlmlab.encoders import timm_family, vmamba  # noqa: F401
+
+    for optional in ("mambavision", "vitdet", "vit_adapter"):
+        try:
+            __import__(f"vlmlab.encoders.{optional}")
+        except ModuleNotFoundError as e:  # family not written yet
+            if e.name != f"vlmlab.encoders.{optional}":
+                raise
+
+
+def list_encoders() -> list[str]:
+    _import_families()
+    return sorted(_REGISTRY)
+
+
+def create_encoder(name: str, tap: str | None = None, **kwargs) -> Encoder:
+    """Builds an encoder with random weights (train mode, not frozen) — for pretraining."""
+    _import_families()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown encoder {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    enc = _REGISTRY[name](tap=tap, **kwargs)
+    n = sum(p.numel() for p in enc.model.parameters())
+    object.__setattr__(enc, "spec", _with_params(enc.spec, n))
+    return enc
+
+
+def _with_params(spec: EncoderSpec, n: int) -> EncoderSpec:
+    from dataclasses import replace
+
+    return replace(spec, params=n)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def load_encoder(name: str, weights: str | None = None, tap: str | None = None, **kwargs) -> Encoder:
+    """The encoder `name`, tapped at `tap` (default: the paper's tap), frozen, in eval mode.
+
+    `weights` is a local checkpoint in the family's official layout (safetensors, .pth/.pt read with
+    weights_only=True, or detectron2 .pkl); it is loaded strictly (see `checkpoints.load_checkpoint`).
+    """
+    from vlmlab.encoders.checkpoints import load_checkpoint
+
+    enc = create_encoder(name, tap=tap, **kwargs)
+    if weights is not None:
+        load_checkpoint(enc, weights)
+    return freeze(enc)
+
+
+
+# Classes of the toy "ImageNet" (vlmlab.data.toyworld: shape x colour of the largest object);
+# toy encoder configs size their classification head with it.
+TOY_NUM_CLASSES = 36

@@ -24,9 +24,11 @@ data: $(STAMP)
 demo: data
 	$(BIN)/python -m vlmlab.run --preset $(PRESET)
 
+# Notebooks run at their default parameters (the smoke preset); their figures go under runs/, not figures/.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
-	$(BIN)/python -m pytest -q --nbval-lax -p no:randomly notebooks/ --sanitize-with tests/nbval_sanitize.cfg
+	VLMLAB_FIGURES=$(CURDIR)/runs/smoke/figures $(BIN)/python -m pytest -q --nbval-lax notebooks/ \
+		--sanitize-with tests/nbval_sanitize.cfg
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/

@@ -1,0 +1,1 @@
+"""Analyses of frozen features (probes) and of localization instability."""

@@ -1,0 +1,1 @@
+"""Evaluation: benchmark registry, official-parity metrics and statistics."""

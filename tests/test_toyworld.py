@@ -182,13 +182,14 @@ def test_layout_counts_and_schema(world):
     assert (
         len(cls_test) == round(0.2 * SMOKE.n_pretrain) and len(cls_train) + len(cls_test) == SMOKE.n_pretrain
     )
-    assert {r.metadata["task"] for r in train} == {"vqa", "ref"}
+    assert {t["task"] for r in train for t in r.metadata["turns"]} == {"vqa", "ref"}
     assert {i.benchmark for i in vqa} == {"toy-vqa"} and {i.benchmark for i in ref} == {"toy-ref"}
     assert {i.split for i in vqa + ref} == {"test"}
-    # several records per train image, each one human/gpt pair; every question type is present
-    per_image = Counter(r.image for r in train)
-    assert len(per_image) == SMOKE.n_train and min(per_image.values()) >= 2
-    assert all(len(r.conversations) == 2 for r in train)
+    # one multi-turn conversation per train image (LLaVA-665k style), its turns described in metadata
+    assert len({r.image for r in train}) == len(train) == SMOKE.n_train
+    assert all(len(r.conversations) == 2 * len(r.metadata["turns"]) >= 4 for r in train)
+    assert all(r.conversations[0].value.startswith("<image>\n") for r in train)
+    assert all("<image>" not in t.value for r in train for t in r.conversations[1:])
     assert {i.metadata["qtype"] for i in vqa} == set(ANSWER_TYPES)
 
 
@@ -235,15 +236,15 @@ def test_referring_expressions_pick_one_object(world, scenes):
     assert all(len(set(r)) == len(r) for r in per_image.values())
     assert any(len(r) > 1 for r in per_image.values())
     # the training grounding turns too; their answer is the box in LLaVA's padded-square frame
-    train = [r for r in load_train(world / "train" / "llava.json") if r.metadata["task"] == "ref"]
-    for r in train:
-        human, gpt = (t.value for t in r.conversations)
-        prefix = (
-            '<image>\nPlease provide the bounding box coordinate of the region this sentence describes: "'
-        )
+    pairs = [(r, k) for r in load_train(world / "train" / "llava.json")
+             for k, t in enumerate(r.metadata["turns"]) if t["task"] == "ref"]
+    for r, k in pairs:
+        human, gpt = r.conversations[2 * k].value.removeprefix("<image>\n"), r.conversations[2 * k + 1].value
+        prefix = 'Please provide the bounding box coordinate of the region this sentence describes: "'
         assert human.startswith(prefix) and human.endswith('"')
         (o,) = resolve(human[len(prefix) : -1], scenes[r.image]["objects"])
-        assert o["box"] == r.metadata["box"] and r.metadata["image_size"] == scenes[r.image]["image_size"]
+        assert o["box"] == r.metadata["turns"][k]["box"]
+        assert r.metadata["image_size"] == scenes[r.image]["image_size"]
         w, h = r.metadata["image_size"]
         side = max(w, h)
         px, py = (side - w) // 2, (side - h) // 2  # LLaVA expand2square offsets
@@ -267,11 +268,13 @@ def test_vqa_answers_are_true_with_minority_noise(world, scenes):
     assert 0.1 < noisy / len(items) < 0.5  # answer_noise 0.3
     suffix = "\nAnswer the question using a single word or phrase."
     for r in load_train(world / "train" / "llava.json"):
-        if r.metadata["task"] == "vqa":
-            human, gpt = (t.value for t in r.conversations)
-            assert human.startswith("<image>\n") and human.endswith(suffix)
-            assert gpt == truth(human[len("<image>\n") : -len(suffix)], scenes[r.image]["objects"])
-            assert gpt in ANSWER_TYPES[r.metadata["qtype"]]
+        for k, t in enumerate(r.metadata["turns"]):
+            if t["task"] == "vqa":
+                human = r.conversations[2 * k].value.removeprefix("<image>\n")
+                gpt = r.conversations[2 * k + 1].value
+                assert human.endswith(suffix)
+                assert gpt == truth(human[: -len(suffix)], scenes[r.image]["objects"])
+                assert gpt in ANSWER_TYPES[t["qtype"]]
 
 
 def test_classification_labels(world, scenes):

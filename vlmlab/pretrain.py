@@ -44,8 +44,9 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, device: str, batch: int = 
 def pretrain_encoder(cfg: Config, name: str, device: str | None = None, force: bool = False) -> Path:
     """Trains `name` (full model with its head) on toy classification; returns the checkpoint path."""
     out = toy_encoder_weights(cfg, name)
-    if out.is_file() and out.with_suffix(".json").is_file() and not force:
-        return out
+    meta = out.with_suffix(".json")
+    if out.is_file() and meta.is_file() and not force and read_json(meta).get("recipe") == vars(cfg.pretrain):
+        return out  # same recipe already trained (a changed recipe retrains)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pc = cfg.pretrain
     torch.manual_seed(pc.seed)

@@ -50,12 +50,18 @@ def iter_pixel_batches(
         yield chunk, torch.stack(pix), tfs
 
 
-def render_answer(record, turn_text: str, tf: geometry.ImageTransform) -> str:
+def turn_metadata(record, pair_index: int) -> dict:
+    """What the toy world records about question/answer pair k (task, qtype, pixel box); {} if nothing."""
+    turns = (record.metadata or {}).get("turns") or []
+    return turns[pair_index] if pair_index < len(turns) else {}
+
+
+def render_answer(record, pair_index: int, text: str, tf: geometry.ImageTransform) -> str:
     """Re-renders a grounding answer in the model's input frame (toy records carry the pixel box)."""
-    meta = record.metadata or {}
-    if meta.get("task") == "ref" and meta.get("box") is not None and BOX_RE.match(turn_text):
+    meta = turn_metadata(record, pair_index)
+    if meta.get("task") == "ref" and meta.get("box") is not None and BOX_RE.match(text):
         return format_box(tf.box_to_normalized(tf.box_to_input(meta["box"])))
-    return turn_text
+    return text
 
 
 def tokenize_conversation(
@@ -68,7 +74,7 @@ def tokenize_conversation(
     ids: list[int] = [tokenizer.bos_token_id]
     labels: list[int] = [IGNORE]
     for i, turn in enumerate(record.conversations):
-        text = turn.value if i % 2 == 0 or tf is None else render_answer(record, turn.value, tf)
+        text = turn.value if i % 2 == 0 or tf is None else render_answer(record, i // 2, turn.value, tf)
         piece = tokenizer(template.turn(i, text), add_special_tokens=False).input_ids
         ids += piece
         labels += piece if i % 2 == 1 else [IGNORE] * len(piece)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from vlmlab.data.schema import IMAGE_TOKEN, ClassItem, EvalItem, TrainRecord, write_json, write_jsonl
 from vlmlab.geometry import format_box, plan
 
-WORLD_VERSION = 1  # bump when the generator changes what a config produces
+WORLD_VERSION = 2  # bump when the generator changes what a config produces
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 SHAPE_PLURALS = {
@@ -160,8 +160,10 @@ class WorldConfig:
 
 WORLD_PRESETS: dict[str, WorldConfig] = {
     "smoke": WorldConfig(image_size=48, n_pretrain=256, n_train=256, n_test=64),
-    "toy-cpu": WorldConfig(image_size=80, n_pretrain=3000, n_train=3000, n_test=300),
-    "toy-gpu": WorldConfig(image_size=256, n_pretrain=20000, n_train=30000, n_test=2000),
+    "toy-cpu": WorldConfig(image_size=80, n_pretrain=3000, n_train=3000, n_test=300, questions_per_image=6,
+                           refs_per_image=3),
+    "toy-gpu": WorldConfig(image_size=256, n_pretrain=20000, n_train=30000, n_test=2000, questions_per_image=6,
+                           refs_per_image=3),
 }
 
 
@@ -537,17 +539,18 @@ def _write(cfg: WorldConfig, root: Path, progress: bool, workers: int = 1) -> di
     texts: list[str] = [VQA_SUFFIX, GROUNDING_PROMPT.format(ref="")]
     train: list[TrainRecord] = []
     for i, s in enumerate(scenes["train"]):
+        # one multi-turn conversation per image, as in llava_v1_5_mix665k: VQA and grounding turns
+        # in a seeded order; metadata["turns"][k] describes the k-th question/answer pair
         rng = _rng(cfg, "train", i, 1)
-        size = [s.width, s.height]
-        for j, (qtype, q, a) in enumerate(scene_questions(s, cfg.questions_per_image, rng)):
-            human = f"{IMAGE_TOKEN}\n{q}\n{VQA_SUFFIX}"
-            train.append(_record(f"{s.id}-vqa{j}", s.image, human, a, {"task": "vqa", "qtype": qtype}))
-        for j, (k, ref) in enumerate(scene_refs(s, cfg.refs_per_image, rng)):
+        pairs = []
+        for qtype, q, a in scene_questions(s, cfg.questions_per_image, rng):
+            pairs.append((f"{q}\n{VQA_SUFFIX}", a, {"task": "vqa", "qtype": qtype}))
+        for k, ref in scene_refs(s, cfg.refs_per_image, rng):
             box = s.objects[k].box
-            human = f"{IMAGE_TOKEN}\n{GROUNDING_PROMPT.format(ref=ref)}"
             answer = format_box(square_frame_box(box, (s.width, s.height)))
-            meta = {"task": "ref", "box": [float(v) for v in box], "image_size": size}
-            train.append(_record(f"{s.id}-ref{j}", s.image, human, answer, meta))
+            pairs.append((GROUNDING_PROMPT.format(ref=ref), answer, {"task": "ref", "box": [float(v) for v in box]}))
+        pairs = [pairs[j] for j in rng.permutation(len(pairs))]
+        train.append(_record(s.id, s.image, pairs, {"image_size": [s.width, s.height]}))
     texts += [t.value for r in train for t in r.conversations]
     write_json(root / "train" / "llava.json", train)
 
@@ -598,8 +601,8 @@ def _write(cfg: WorldConfig, root: Path, progress: bool, workers: int = 1) -> di
         "objects": sum(len(s.objects) for ss in scenes.values() for s in ss),
         "classification": {"train": n_cls_train, "test": n_cls_test},
         "train_records": len(train),
-        "train_vqa": sum(r.metadata["task"] == "vqa" for r in train),
-        "train_ref": sum(r.metadata["task"] == "ref" for r in train),
+        "train_vqa": sum(t["task"] == "vqa" for r in train for t in r.metadata["turns"]),
+        "train_ref": sum(t["task"] == "ref" for r in train for t in r.metadata["turns"]),
         "toy-vqa": len(vqa),
         "toy-ref": len(refs),
     }
@@ -624,12 +627,14 @@ def _write(cfg: WorldConfig, root: Path, progress: bool, workers: int = 1) -> di
     return meta
 
 
-def _record(rid: str, image: str, human: str, gpt: str, metadata: dict[str, Any]) -> TrainRecord:
+def _record(rid: str, image: str, pairs: list[tuple[str, str, dict]], metadata: dict[str, Any]) -> TrainRecord:
+    """A LLaVA conversation: the image token opens the first human turn."""
+    conversations = []
+    for k, (human, gpt, _) in enumerate(pairs):
+        conversations += [{"from": "human", "value": f"{IMAGE_TOKEN}\n{human}" if k == 0 else human},
+                          {"from": "gpt", "value": gpt}]
     return TrainRecord(
-        id=rid,
-        image=image,
-        conversations=[{"from": "human", "value": human}, {"from": "gpt", "value": gpt}],
-        metadata=metadata,
+        id=rid, image=image, conversations=conversations, metadata={**metadata, "turns": [p[2] for p in pairs]}
     )
 
 
@@ -654,7 +659,7 @@ def generate_world(
         images/{pretrain,train,test}/<id>.png
         scenes/{pretrain,train,test}.jsonl   every object: shape, colour, size, drawing square, box
         classification/{train,test}.jsonl    ClassItem (label = shape * 6 + colour of the largest object)
-        train/llava.json                     TrainRecord list (VQA + grounding, one Q/A pair each)
+        train/llava.json                     TrainRecord list: one multi-turn conversation per image
         eval/toy-vqa.jsonl, eval/toy-ref.jsonl  EvalItem
         meta.json                            config, counts, class names, vocabulary
 

@@ -6,6 +6,7 @@ a restricted unpickler (numpy arrays and plain containers only) for detectron2 .
 
 from __future__ import annotations
 
+import collections
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -17,6 +18,14 @@ from torch import nn
 
 # Where official checkpoints keep the weights, tried in order.
 CONTAINER_KEYS = ("model", "model_ema", "state_dict", "module")
+# Classes that official checkpoints pickle beside the weights and that hold plain data only
+# (VMamba's classification .pth stores its yacs config; mmengine runs store history buffers).
+# They are rebuilt as OrderedDicts by torch's weights-only unpickler: no code of theirs runs.
+PLAIN_DATA_CLASSES = (
+    "yacs.config.CfgNode",
+    "argparse.Namespace",
+    "mmengine.logging.history_buffer.HistoryBuffer",
+)
 
 
 class CheckpointError(ValueError):
@@ -37,6 +46,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("builtins", "set"),
         ("builtins", "frozenset"),
         ("builtins", "slice"),
+        ("_codecs", "encode"),  # protocol-2 pickles written by Python 3 rebuild bytes with it
     }
 
     def find_class(self, module, name):
@@ -77,7 +87,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if suffix in (".pth", ".pt", ".bin") and zipfile.is_zipfile(path) is False and path.stat().st_size < 64:
             raise CheckpointError(f"{path}: truncated file ({path.stat().st_size} bytes)")
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals([(collections.OrderedDict, name) for name in PLAIN_DATA_CLASSES]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise CheckpointError(
                 f"{path}: refused: the file holds objects other than tensors and plain data "

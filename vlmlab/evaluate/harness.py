@@ -134,18 +134,20 @@ def summarize(bench, rows: list[dict], expected: int) -> dict:
 
 def baselines(cfg, root: Path, enc, benchmarks: list[str], limit: int | None) -> dict:
     """Majority answer per question type (VQA) and the mean training box (grounding), on the same items."""
-    from vlmlab.data.datasets import plan_for
+    from vlmlab.data.datasets import plan_for, turn_metadata
     from vlmlab.evaluate.metrics import box_iou
 
     train = load_train(root / "train" / "llava.json")
     answers, boxes = defaultdict(Counter), []
     for r in train:
-        meta = r.metadata or {}
-        if meta.get("task") == "vqa":
-            answers[meta.get("qtype")][r.conversations[1].value.strip().lower()] += 1
-        elif meta.get("task") == "ref":
-            tf = plan_for(tuple(meta["image_size"]), enc.spec, cfg.policy, cfg.img_size)
-            boxes.append(tf.box_to_normalized(tf.box_to_input(meta["box"])))
+        tf = None
+        for k in range(len(r.conversations) // 2):
+            meta = turn_metadata(r, k)
+            if meta.get("task") == "vqa":
+                answers[meta.get("qtype")][r.conversations[2 * k + 1].value.strip().lower()] += 1
+            elif meta.get("task") == "ref":
+                tf = tf or plan_for(tuple(r.metadata["image_size"]), enc.spec, cfg.policy, cfg.img_size)
+                boxes.append(tf.box_to_normalized(tf.box_to_input(meta["box"])))
     majority = {q: c.most_common(1)[0][0] for q, c in answers.items()}
     mean_box = np.mean(boxes, axis=0).tolist() if boxes else [0.25, 0.25, 0.75, 0.75]
     out = {"majority_answers": majority, "mean_box": mean_box}

@@ -1,5 +1,5 @@
 """Numerical kernels (selective scan)."""
 
-from vlmlab.ops.scan import selective_scan
+from vlmlab.ops.scan import available_backends, selective_scan, use_backend
 
-__all__ = ["selective_scan"]
+__all__ = ["available_backends", "selective_scan", "use_backend"]

@@ -51,6 +51,16 @@ def greedy_generate(
     return generated
 
 
+@torch.no_grad()
+def answer_probabilities(model, ids: list[list[int]], vision: torch.Tensor, answer_ids: list[int]) -> list[list[float]]:
+    """Next-token probabilities of each answer's first token after the prompt (the public harness's
+    way of scoring POPE, VSR, TallyQA and AI2D), renormalised over the answers."""
+    embeds, mask, pos, _ = model.assemble(ids, vision, padding_side="left")
+    logits = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+    probs = logits.softmax(-1)[:, answer_ids]
+    return (probs / probs.sum(-1, keepdim=True)).tolist()
+
+
 def cut_at_stop(text: str, stops: tuple[str, ...] = ("</s>", "USER:", "\n\n")) -> str:
     """Cuts generated text at the first stop string."""
     for s in stops:

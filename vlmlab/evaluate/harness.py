@@ -21,7 +21,7 @@ from vlmlab.data.datasets import prompt_ids
 from vlmlab.data.schema import load_eval, load_train
 from vlmlab.evaluate import metrics, stats
 from vlmlab.evaluate.benchmarks import build_prompt, get_benchmark
-from vlmlab.evaluate.generate import cut_at_stop, greedy_generate
+from vlmlab.evaluate.generate import answer_probabilities, cut_at_stop, greedy_generate
 from vlmlab.features import extract_features
 from vlmlab.io import atomic_write_json
 from vlmlab.vlm.prompts import get_template
@@ -48,13 +48,32 @@ def gt_box_in_frame(item, tf) -> list[float]:
     return tf.box_to_normalized(tf.box_to_input(item.box))
 
 
+# per-item scorers of generated text, by the benchmark's metric (official-parity functions)
+TEXT_SCORERS = {
+    "vqa-accuracy": lambda text, item, variant: metrics.vqa_accuracy(text, item.answers, variant=variant),
+    "textvqa-accuracy": lambda text, item, variant: metrics.textvqa_accuracy(text, item.answers),
+    "vizwiz-accuracy": lambda text, item, variant: metrics.vizwiz_accuracy(text, item.answers),
+    "gqa-accuracy": lambda text, item, variant: float(metrics.gqa_correct(text, item.answers[0])),
+}
+
+
 def score_item(bench, item, text: str, tf, vqa_variant: str) -> dict:
     if bench.group == "loc":
         gt = gt_box_in_frame(item, tf)
         st = metrics.grounding_status(text, gt, thr=bench.iou_threshold)
         return {"score": float(st["status"] == "correct"), "status": st["status"], "parsed": st["box"],
                 "iou": st["iou"], "gt_box": gt, "transform": tf.to_dict()}
-    return {"score": metrics.vqa_accuracy(text, item.answers, variant=vqa_variant), "parsed": text}
+    if bench.metric not in TEXT_SCORERS:
+        raise KeyError(f"{bench.name}: no text scorer for metric {bench.metric!r}; known: {', '.join(TEXT_SCORERS)}")
+    return {"score": TEXT_SCORERS[bench.metric](text, item, vqa_variant), "parsed": text}
+
+
+def score_probabilities(bench, item, probs: list[float]) -> dict:
+    """Probability-scored benchmarks (POPE, VSR, TallyQA, AI2D): the most likely answer string wins."""
+    label = item.answers[0] if item.answers else None
+    pred = bench.answer_strings[metrics.argmax_first(probs)]
+    return {"score": float(label is not None and pred.lower() == str(label).lower()), "parsed": pred,
+            "probs": probs, "label": label}
 
 
 def load_run_model(run_dir: Path, device: str):
@@ -101,15 +120,23 @@ def evaluate_run(
             with open(out_path, "a") as f:
                 for i in tqdm(range(0, len(todo), batch_size), desc=f"eval {name}", leave=False):
                     chunk = todo[i : i + batch_size]
-                    prompts = [build_prompt(bench, it.model_dump()) for it in chunk]
+                    prompts = [build_prompt(bench, {**it.metadata, **it.model_dump()}) for it in chunk]
                     ids = [prompt_ids(p, template, tok) for p in prompts]
-                    gen = greedy_generate(model, ids, store.get([it.image for it in chunk]).to(device),
-                                          tok.eos_token_id, cfg.eval.max_new_tokens)
-                    for it, p, g in zip(chunk, prompts, gen, strict=True):
-                        text = cut_at_stop(tok.decode(g, skip_special_tokens=True))
-                        row = {"id": it.id, "prompt": p, "generation": text,
-                               **score_item(bench, it, text, store.transforms[it.image], cfg.eval.vqa_variant)}
-                        f.write(json.dumps(row) + "\n")
+                    vision = store.get([it.image for it in chunk]).to(device)
+                    if bench.scoring == "probabilities":
+                        first = [tok(a, add_special_tokens=False).input_ids[0] for a in bench.answer_strings]
+                        probs = answer_probabilities(model, ids, vision, first)
+                        rows = [{"id": it.id, "prompt": p, "generation": None, **score_probabilities(bench, it, pr)}
+                                for it, p, pr in zip(chunk, prompts, probs, strict=True)]
+                    else:
+                        gen = greedy_generate(model, ids, vision, tok.eos_token_id, cfg.eval.max_new_tokens)
+                        rows = []
+                        for it, p, g in zip(chunk, prompts, gen, strict=True):
+                            text = cut_at_stop(tok.decode(g, skip_special_tokens=True))
+                            tf = store.transforms[it.image]
+                            rows.append({"id": it.id, "prompt": p, "generation": text,
+                                         **score_item(bench, it, text, tf, cfg.eval.vqa_variant)})
+                    f.write("".join(json.dumps(r) + "\n" for r in rows))
                     f.flush()
         rows = read_results(out_path)
         summary["benchmarks"][name] = summarize(bench, rows, expected=len(items))

@@ -28,7 +28,7 @@ demo: data
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 	VLMLAB_FIGURES=$(CURDIR)/runs/smoke/figures $(BIN)/python -m pytest -q --nbval-lax notebooks/ \
-		--sanitize-with tests/nbval_sanitize.cfg
+		--nbval-sanitize-with tests/nbval_sanitize.cfg
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/

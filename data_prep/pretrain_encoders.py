@@ -24,8 +24,10 @@ def main() -> None:
     for name in names:
         print("wrote", pretrain_encoder(cfg, name, force=a.force))
     for r in pretrain_report(cfg, names):
-        print(f"{r['encoder']:<20} {r['family']:<7} params={r['params']:>9,} toy top-1={r['toy_top1']:.3f} "
-              f"({r['train_seconds']}s)")
+        print(
+            f"{r['encoder']:<20} {r['family']:<7} params={r['params']:>9,} toy top-1={r['toy_top1']:.3f} "
+            f"({r['train_seconds']}s)"
+        )
 
 
 if __name__ == "__main__":

@@ -236,8 +236,12 @@ def test_referring_expressions_pick_one_object(world, scenes):
     assert all(len(set(r)) == len(r) for r in per_image.values())
     assert any(len(r) > 1 for r in per_image.values())
     # the training grounding turns too; their answer is the box in LLaVA's padded-square frame
-    pairs = [(r, k) for r in load_train(world / "train" / "llava.json")
-             for k, t in enumerate(r.metadata["turns"]) if t["task"] == "ref"]
+    pairs = [
+        (r, k)
+        for r in load_train(world / "train" / "llava.json")
+        for k, t in enumerate(r.metadata["turns"])
+        if t["task"] == "ref"
+    ]
     for r, k in pairs:
         human, gpt = r.conversations[2 * k].value.removeprefix("<image>\n"), r.conversations[2 * k + 1].value
         prefix = 'Please provide the bounding box coordinate of the region this sentence describes: "'

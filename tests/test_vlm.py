@@ -12,8 +12,16 @@ from vlmlab.vlm.llm import build_toy_tokenizer, tiny_llama
 from vlmlab.vlm.model import IGNORE, VLM
 from vlmlab.vlm.prompts import VICUNA_SYSTEM, get_template
 
-TEXTS = [VICUNA_SYSTEM, "USER: What color is the red circle? ASSISTANT:", "red", "blue", "green", "yes", "no",
-         'Please provide the bounding box coordinate of the region this sentence describes: "the red circle"']
+TEXTS = [
+    VICUNA_SYSTEM,
+    "USER: What color is the red circle? ASSISTANT:",
+    "red",
+    "blue",
+    "green",
+    "yes",
+    "no",
+    'Please provide the bounding box coordinate of the region this sentence describes: "the red circle"',
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +71,19 @@ def _model(tok, hidden=32):
 
 
 def test_labels_only_on_assistant_tokens(tok):
-    rec = TrainRecord.model_validate({"id": "a", "image": "x.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat color is the red circle?"}, {"from": "gpt", "value": "red"}]})
+    rec = TrainRecord.model_validate(
+        {
+            "id": "a",
+            "image": "x.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat color is the red circle?"},
+                {"from": "gpt", "value": "red"},
+            ],
+        }
+    )
     ids, labels, cut = tokenize_conversation(rec, get_template("vicuna_v15"), tok, None, 512)
     assert ids[0] == tok.bos_token_id and not cut
-    learned = [i for i, lab in zip(ids, labels) if lab != IGNORE]
+    learned = [i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE]
     assert tok.decode(learned) == "red</s>" or tok.decode(learned, skip_special_tokens=True) == "red"
     assert learned[-1] == tok.eos_token_id
 
@@ -90,13 +106,19 @@ def test_visual_tokens_sit_right_after_bos(tok):
 def test_batched_generation_equals_batch_of_one(tok):
     m = _model(tok, hidden=48)
     t = get_template("vicuna_v15")
-    prompts = ["What color is the red circle?", "yes", 'Please provide the bounding box coordinate of the region '
-               'this sentence describes: "the red circle"', "no"]
+    prompts = [
+        "What color is the red circle?",
+        "yes",
+        'Please provide the bounding box coordinate of the region this sentence describes: "the red circle"',
+        "no",
+    ]
     ids = [prompt_ids(p, t, tok) for p in prompts]
     vision = torch.randn(len(ids), 4, 12)
     batched = greedy_generate(m, ids, vision, tok.eos_token_id, max_new_tokens=12)
-    single = [greedy_generate(m, [i], vision[k : k + 1], tok.eos_token_id, max_new_tokens=12)[0]
-              for k, i in enumerate(ids)]
+    single = [
+        greedy_generate(m, [i], vision[k : k + 1], tok.eos_token_id, max_new_tokens=12)[0]
+        for k, i in enumerate(ids)
+    ]
     assert batched == single
     assert all(len(g) <= 12 for g in batched)
 

@@ -13,8 +13,19 @@ import torch
 from vlmlab.bench import benchmark, time_ms
 from vlmlab.encoders import create_encoder
 
-GPU_DEFAULT = ["vmamba-t", "vmamba-s", "vmamba-b", "mambavision-t", "mambavision-s", "mambavision-b",
-               "swin-t", "swin-s", "swin-b", "vit-s", "vit-b"]
+GPU_DEFAULT = [
+    "vmamba-t",
+    "vmamba-s",
+    "vmamba-b",
+    "mambavision-t",
+    "mambavision-s",
+    "mambavision-b",
+    "swin-t",
+    "swin-s",
+    "swin-b",
+    "vit-s",
+    "vit-b",
+]
 CPU_DEFAULT = ["vmamba-t", "mambavision-t", "swin-t", "vit-s", "maxvit-t"]
 
 
@@ -28,7 +39,7 @@ def encoder_rows(names, batch, img, dtypes, device, repeats, modes=("full", "tap
             for mode in modes:
                 fn = enc.model if mode == "full" else enc
 
-                def run(fn=fn):
+                def run(fn=fn, x=x, amp=amp):
                     with torch.no_grad(), amp:
                         return fn(x)
 
@@ -38,14 +49,28 @@ def encoder_rows(names, batch, img, dtypes, device, repeats, modes=("full", "tap
                 except torch.OutOfMemoryError:
                     ms, ips = float("nan"), float("nan")
                     torch.cuda.empty_cache()
-                rows.append({"encoder": name, "family": enc.spec.family, "params_M": enc.spec.params / 1e6,
-                             "mode": mode, "dtype": dtype, "batch": batch, "img": img, "ms": ms, "img_per_s": ips})
+                rows.append(
+                    {
+                        "encoder": name,
+                        "family": enc.spec.family,
+                        "params_M": enc.spec.params / 1e6,
+                        "mode": mode,
+                        "dtype": dtype,
+                        "batch": batch,
+                        "img": img,
+                        "ms": ms,
+                        "img_per_s": ips,
+                    }
+                )
         del enc
         if device.type == "cuda":
             torch.cuda.empty_cache()
     # ratios against Swin of the same size, measured in this run
-    base = {(r["encoder"].split("-")[-1], r["mode"], r["dtype"]): r["img_per_s"] for r in rows
-            if r["encoder"].startswith("swin-")}
+    base = {
+        (r["encoder"].split("-")[-1], r["mode"], r["dtype"]): r["img_per_s"]
+        for r in rows
+        if r["encoder"].startswith("swin-")
+    }
     for r in rows:
         size = r["encoder"].split("-")[-1]
         ref = base.get((size, r["mode"], r["dtype"]))

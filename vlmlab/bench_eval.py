@@ -35,7 +35,9 @@ def _model(args, device):
         _, model, tok, enc, _, _ = load_run_model(args.run, device)
         return model, tok, enc.spec.tokens, enc.spec.dim, cfg
     template = get_template(cfg.llm.template)
-    tok = build_toy_tokenizer([template.system, "USER: ASSISTANT:", "[0.12, 0.34]", *QUESTIONS, "red blue yes no"])
+    tok = build_toy_tokenizer(
+        [template.system, "USER: ASSISTANT:", "[0.12, 0.34]", *QUESTIONS, "red blue yes no"]
+    )
     torch.manual_seed(0)
     llm, tok = load_llm(cfg.llm, tok)
     dim, tokens = 64, (cfg.img_size // 16) ** 2
@@ -64,7 +66,9 @@ def bench_eval(args: argparse.Namespace) -> list[dict]:
         out = []
         t0 = time.perf_counter()
         for i in range(0, args.items, bs):
-            out += greedy_generate(model, ids[i : i + bs], vision[i : i + bs], tok.eos_token_id, args.max_new_tokens)
+            out += greedy_generate(
+                model, ids[i : i + bs], vision[i : i + bs], tok.eos_token_id, args.max_new_tokens
+            )
         if device.type == "cuda":
             torch.cuda.synchronize()
         return out, time.perf_counter() - t0
@@ -75,6 +79,12 @@ def bench_eval(args: argparse.Namespace) -> list[dict]:
     same = sum(a == b for a, b in zip(single, batched, strict=True))
     return [
         {"batch": 1, "items": args.items, "seconds": t1, "items_per_s": args.items / t1, "speedup": 1.0},
-        {"batch": args.batch, "items": args.items, "seconds": tb, "items_per_s": args.items / tb,
-         "speedup": t1 / tb, "identical_outputs": f"{same}/{args.items}"},
+        {
+            "batch": args.batch,
+            "items": args.items,
+            "seconds": tb,
+            "items_per_s": args.items / tb,
+            "speedup": t1 / tb,
+            "identical_outputs": f"{same}/{args.items}",
+        },
     ]

@@ -13,7 +13,17 @@ import torch
 from vlmlab.bench import benchmark, time_ms
 from vlmlab.encoders import create_encoder
 
-GPU_NAMES = ["vmamba-t", "vmamba-s", "vmamba-b", "vit-s", "vit-b", "vit-l", "vitdet-b", "vitdet-l", "vitdet-h"]
+GPU_NAMES = [
+    "vmamba-t",
+    "vmamba-s",
+    "vmamba-b",
+    "vit-s",
+    "vit-b",
+    "vit-l",
+    "vitdet-b",
+    "vitdet-l",
+    "vitdet-h",
+]
 GPU_SIZES = [224, 512, 1024, 2048, 3072, 4096, 6144]
 CPU_NAMES = ["toy-vmamba", "toy-vit", "toy-vitdet"]
 CPU_SIZES = [64, 128, 256]
@@ -32,8 +42,11 @@ def resolution_rows(names, sizes, device, dtype, repeats) -> list[dict]:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                    ms = time_ms(lambda: enc(x), device, repeats=repeats, warmup=1)
+                with (
+                    torch.no_grad(),
+                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"),
+                ):
+                    ms = time_ms(lambda enc=enc, x=x: enc(x), device, repeats=repeats, warmup=1)
                 row.update(status="ok", latency_s=ms / 1e3)
                 if device.type == "cuda":
                     row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -59,5 +72,10 @@ def resolution_rows(names, sizes, device, dtype, repeats) -> list[dict]:
 def bench_resolution(args: argparse.Namespace) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
-    return resolution_rows(args.names or (GPU_NAMES if gpu else CPU_NAMES), args.sizes or (GPU_SIZES if gpu else CPU_SIZES),
-                           device, args.dtype, args.repeats)
+    return resolution_rows(
+        args.names or (GPU_NAMES if gpu else CPU_NAMES),
+        args.sizes or (GPU_SIZES if gpu else CPU_SIZES),
+        device,
+        args.dtype,
+        args.repeats,
+    )

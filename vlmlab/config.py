@@ -68,17 +68,25 @@ class PretrainConfig:
 class TrainConfig:
     """Connector + LLM training (single stage, "no-align"); paper numbers in presets/paper-*.yaml."""
 
+    # no-align: connector + LLM in one stage (the paper) | align: connector only (on align_world) |
+    # finetune: connector + LLM, starting from the connector of the align run named by init_from
     stage: str = "no-align"
+    init_from: str | None = None  # finetune: run directory of an align run
+    align_world: str | None = None  # training data of the align stage (LLaVA-558k); None = `world`
     epochs: float = 1.0
     max_steps: int | None = None  # stop early (tests, smoke)
-    batch_size: int = 16  # per step, before accumulation
-    grad_accum: int = 1
+    batch_size: int = 16  # per process per micro-batch
+    grad_accum: int = 1  # micro-batches per step; global batch = batch_size * grad_accum * world_size
+    global_batch_size: int | None = None  # if set, grad_accum is derived from it and the world size
     lr: float = 2e-5
     weight_decay: float = 0.1
     warmup_ratio: float = 0.03
     grad_clip: float = 1.0
     bf16: bool = False
-    feature_cache: bool = True
+    grad_checkpointing: bool = False  # activation checkpointing of the LLM's layers
+    parallel: str = "auto"  # auto | ddp | fsdp | none (auto: FSDP for a training LLM >= 1B params, else DDP)
+    feature_cache: bool = True  # frozen tokens from the on-disk cache; False: the encoder runs on every batch
+    skip_bad_images: bool = False  # drop (and log) records whose image cannot be read, instead of failing
     log_every: int = 10
     ckpt_every: int = 200
     nan_policy: str = "stop"  # stop | skip

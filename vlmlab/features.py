@@ -39,7 +39,9 @@ def file_sha256(path: str | Path) -> str:
     return _SHA_CACHE[key]
 
 
-def cache_key(spec, weights: str | None, policy: str | None, img_size: int, root: Path, images: list[str]) -> str:
+def cache_key(
+    spec, weights: str | None, policy: str | None, img_size: int, root: Path, images: list[str]
+) -> str:
     """Changes whenever any input of the frozen features changes."""
     parts = {
         "encoder": spec.name,
@@ -120,7 +122,9 @@ def extract_features(
     encoder = encoder.to(device).eval()
     refs = [_ImageRef(im, im) for im in images]
     chunks, tfs = [], []
-    for _, pix, tf in iter_pixel_batches(root, refs, spec, policy, img_size, batch_size, desc=f"features {spec.name}"):
+    for _, pix, tf in iter_pixel_batches(
+        root, refs, spec, policy, img_size, batch_size, desc=f"features {spec.name}"
+    ):
         chunks.append(encoder(pix.to(device)).float().cpu())
         tfs += tf
     tokens = torch.cat(chunks)

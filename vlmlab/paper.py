@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (tables of facts read better one row per line)
 """Facts of the study, for the findings notebook: the released weighted results and the findings.
 
 Source: the official release repository raykuo18/vlm-ssm-vision-encoders (results/*.csv), as

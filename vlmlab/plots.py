@@ -30,7 +30,9 @@ def save_figure(fig: go.Figure, name: str, out_dir: str | Path | None = None, pn
     return paths
 
 
-def bars_with_ci(rows: list[dict], x: str, y: str, lo: str, hi: str, title: str, color: str | None = None) -> go.Figure:
+def bars_with_ci(
+    rows: list[dict], x: str, y: str, lo: str, hi: str, title: str, color: str | None = None
+) -> go.Figure:
     """Bar chart of rows[y] with asymmetric error bars [lo, hi]; one trace per rows[color] value."""
     groups = {}
     for r in rows:
@@ -38,9 +40,15 @@ def bars_with_ci(rows: list[dict], x: str, y: str, lo: str, hi: str, title: str,
     fig = go.Figure()
     for g, rs in groups.items():
         fig.add_bar(
-            name=str(g), x=[r[x] for r in rs], y=[r[y] for r in rs],
-            error_y=dict(type="data", symmetric=False, array=[r[hi] - r[y] for r in rs],
-                         arrayminus=[r[y] - r[lo] for r in rs]),
+            name=str(g),
+            x=[r[x] for r in rs],
+            y=[r[y] for r in rs],
+            error_y=dict(
+                type="data",
+                symmetric=False,
+                array=[r[hi] - r[y] for r in rs],
+                arrayminus=[r[y] - r[lo] for r in rs],
+            ),
         )
     fig.update_layout(title=title, barmode="group", yaxis_title=y, template="plotly_white")
     return fig
@@ -49,7 +57,9 @@ def bars_with_ci(rows: list[dict], x: str, y: str, lo: str, hi: str, title: str,
 def loss_curves(runs: dict[str, list[dict]], title: str = "Training loss" + TOY) -> go.Figure:
     fig = go.Figure()
     for name, metrics in runs.items():
-        fig.add_scatter(x=[m["step"] for m in metrics], y=[m["loss"] for m in metrics], mode="lines", name=name)
+        fig.add_scatter(
+            x=[m["step"] for m in metrics], y=[m["loss"] for m in metrics], mode="lines", name=name
+        )
     fig.update_layout(title=title, xaxis_title="step", yaxis_title="loss", template="plotly_white")
     return fig
 
@@ -87,9 +97,16 @@ def heatmap(matrix, labels: list[str], title: str) -> go.Figure:
     return fig
 
 
+def _cell(v):
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return json.dumps(v) if isinstance(v, (list, dict)) else v
+
+
 def table(rows: list[dict], title: str = "") -> go.Figure:
     cols = list(rows[0]) if rows else []
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else (json.dumps(v) if isinstance(v, (list, dict)) else v)  # noqa: E731
-    fig = go.Figure(go.Table(header=dict(values=cols), cells=dict(values=[[fmt(r[c]) for r in rows] for c in cols])))
+    fig = go.Figure(
+        go.Table(header=dict(values=cols), cells=dict(values=[[_cell(r[c]) for r in rows] for c in cols]))
+    )
     fig.update_layout(title=title)
     return fig

@@ -27,7 +27,9 @@ from vlmlab.train import get_lr, toy_encoder_weights, world_root
 
 def _pixels(root: Path, items, enc, cfg: Config):
     xs, ys = [], []
-    for chunk, pix, _ in iter_pixel_batches(root, items, enc.spec, cfg.policy, cfg.img_size, 256, "load images"):
+    for chunk, pix, _ in iter_pixel_batches(
+        root, items, enc.spec, cfg.policy, cfg.img_size, 256, "load images"
+    ):
         xs.append(pix)
         ys += [it.label for it in chunk]
     return torch.cat(xs), torch.tensor(ys)
@@ -36,8 +38,10 @@ def _pixels(root: Path, items, enc, cfg: Config):
 @torch.no_grad()
 def accuracy(model, x: torch.Tensor, y: torch.Tensor, device: str, batch: int = 256) -> float:
     model.eval()
-    hits = sum((model(x[i : i + batch].to(device)).argmax(-1).cpu() == y[i : i + batch]).sum().item()
-               for i in range(0, len(x), batch))
+    hits = sum(
+        (model(x[i : i + batch].to(device)).argmax(-1).cpu() == y[i : i + batch]).sum().item()
+        for i in range(0, len(x), batch)
+    )
     return hits / max(len(x), 1)
 
 
@@ -75,11 +79,21 @@ def pretrain_encoder(cfg: Config, name: str, device: str | None = None, force: b
         bar.set_postfix(loss=f"{loss.item():.3f}")
     acc = accuracy(model, x_te, y_te, device)
     save_safetensors(model.state_dict(), out, metadata={"encoder": name, "world": cfg.world})
-    atomic_write_json(out.with_suffix(".json"), {
-        "encoder": name, "family": enc.spec.family, "params": enc.spec.params, "img_size": cfg.img_size,
-        "world": cfg.world, "recipe": vars(pc), "toy_top1": acc, "train_seconds": round(time.time() - t0, 1),
-        "n_train": len(x_tr), "n_test": len(x_te),
-    })
+    atomic_write_json(
+        out.with_suffix(".json"),
+        {
+            "encoder": name,
+            "family": enc.spec.family,
+            "params": enc.spec.params,
+            "img_size": cfg.img_size,
+            "world": cfg.world,
+            "recipe": vars(pc),
+            "toy_top1": acc,
+            "train_seconds": round(time.time() - t0, 1),
+            "n_train": len(x_tr),
+            "n_test": len(x_te),
+        },
+    )
     return out
 
 

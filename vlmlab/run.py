@@ -28,6 +28,8 @@ NOTEBOOKS = [
     "03_connector_training",
     "04_evaluation",
     "05_localization_instability",
+    "06_findings",
+    "07_efficiency",
 ]
 TOY_NOTE = "toy-world numbers: they test the pipeline and the study's questions on synthetic data, not the paper's models"
 
@@ -74,8 +76,13 @@ def evaluate_suite(cfg: Config, run_root: str | Path | None = None) -> dict[tupl
 
 def suite_summary(cfg: Config, run_root: str | Path | None = None) -> dict:
     """Per encoder, mean over seeds: VQA accuracy, grounding Acc@0.5, invalid-box rate, baselines."""
-    out = {"preset": cfg.name, "world": cfg.world, "note": TOY_NOTE if cfg.world in ("smoke", "toy-cpu", "toy-gpu")
-           else "", "vqa_variant": cfg.eval.vqa_variant, "encoders": {}}
+    out = {
+        "preset": cfg.name,
+        "world": cfg.world,
+        "note": TOY_NOTE if cfg.world in ("smoke", "toy-cpu", "toy-gpu") else "",
+        "vqa_variant": cfg.eval.vqa_variant,
+        "encoders": {},
+    }
     for enc in cfg.encoders:
         per_seed = {}
         for (e, s), d in run_dirs(cfg, run_root).items():
@@ -91,19 +98,29 @@ def suite_summary(cfg: Config, run_root: str | Path | None = None) -> dict:
             "vqa_accuracy": float(np.mean(vqa)),
             "grounding_acc50": float(np.mean(loc)),
             "invalid_box_rate": float(np.mean(inv)),
-            "baselines": {"vqa_majority": base["vqa_majority"], "grounding_mean_box": base["grounding_mean_box"]},
-            "seeds": {str(s): {"vqa_accuracy": v, "grounding_acc50": g} for s, v, g in zip(per_seed, vqa, loc)},
+            "baselines": {
+                "vqa_majority": base["vqa_majority"],
+                "grounding_mean_box": base["grounding_mean_box"],
+            },
+            "seeds": {
+                str(s): {"vqa_accuracy": v, "grounding_acc50": g}
+                for s, v, g in zip(per_seed, vqa, loc, strict=True)
+            },
             "n_seeds": len(per_seed),
         }
     return out
 
 
 def format_table(summary: dict) -> str:
-    rows = [f"{'encoder':<22}{'VQA acc':>9}{'Acc@0.5':>9}{'invalid':>9}{'VQA maj.':>10}{'mean box':>10}  seeds"]
+    rows = [
+        f"{'encoder':<22}{'VQA acc':>9}{'Acc@0.5':>9}{'invalid':>9}{'VQA maj.':>10}{'mean box':>10}  seeds"
+    ]
     for name, r in summary["encoders"].items():
         b = r["baselines"]
-        rows.append(f"{name:<22}{r['vqa_accuracy']:>9.3f}{r['grounding_acc50']:>9.3f}{r['invalid_box_rate']:>9.3f}"
-                    f"{b['vqa_majority']:>10.3f}{b['grounding_mean_box']:>10.3f}  {r['n_seeds']}")
+        rows.append(
+            f"{name:<22}{r['vqa_accuracy']:>9.3f}{r['grounding_acc50']:>9.3f}{r['invalid_box_rate']:>9.3f}"
+            f"{b['vqa_majority']:>10.3f}{b['grounding_mean_box']:>10.3f}  {r['n_seeds']}"
+        )
     if summary.get("note"):
         rows.append(f"({summary['note']})")
     return "\n".join(rows)
@@ -122,8 +139,12 @@ def run_notebooks(preset: str, suite: Path, notebooks: list[str], overrides: lis
         t0 = time.time()
         print(f"[run] {nb} ...", flush=True)
         pm.execute_notebook(
-            str(src), str(dst), parameters={"preset": preset, "run_root": str(suite), "overrides": overrides},
-            cwd=str(nb_dir), progress_bar=False, kernel_name="python3",
+            str(src),
+            str(dst),
+            parameters={"preset": preset, "run_root": str(suite), "overrides": overrides},
+            cwd=str(nb_dir),
+            progress_bar=False,
+            kernel_name="python3",
         )
         print(f"[run] {nb} done in {time.time() - t0:.0f}s -> {dst}", flush=True)
         written.append(dst)
@@ -146,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     summary["wall_seconds"] = round(time.time() - t0, 1)
     atomic_write_json(suite / "summary.json", summary)
     print(format_table(summary))
-    print(f"[run] wrote {suite / 'summary.json'} and {suite / 'notebooks'}/ in {summary['wall_seconds']:.0f}s")
+    print(
+        f"[run] wrote {suite / 'summary.json'} and {suite / 'notebooks'}/ in {summary['wall_seconds']:.0f}s"
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,10 @@ def item_browser(run_dir: str | Path, benchmark: str, world_root: str | Path, sc
     from vlmlab import geometry
     from vlmlab.data.schema import load_eval, load_image
 
-    rows = [json.loads(line) for line in (Path(run_dir) / "results" / f"{benchmark}.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (Path(run_dir) / "results" / f"{benchmark}.jsonl").read_text().splitlines()
+    ]
     items = {it.id: it for it in load_eval(Path(world_root) / "eval" / f"{benchmark}.jsonl")}
     out = W.Output()
 

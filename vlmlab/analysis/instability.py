@@ -36,11 +36,15 @@ def collapse_signals(rows: list[dict], thr: float = 0.05) -> dict:
     }
 
 
-def is_collapsed(signals: dict, share_thr: float = 0.5, std_ratio_thr: float = 0.25, invalid_thr: float = 0.5) -> bool:
+def is_collapsed(
+    signals: dict, share_thr: float = 0.5, std_ratio_thr: float = 0.25, invalid_thr: float = 0.5
+) -> bool:
     """A run collapses when most boxes sit on one box, or their spread is far below the truth's,
     or most answers are invalid. Thresholds are arguments so notebook 05 can justify them on data."""
     low_spread = signals["pred_box_std"] < std_ratio_thr * max(signals["gt_box_std"], 1e-9)
-    return bool(signals["near_constant_share"] >= share_thr or low_spread or signals["invalid_rate"] >= invalid_thr)
+    return bool(
+        signals["near_constant_share"] >= share_thr or low_spread or signals["invalid_rate"] >= invalid_thr
+    )
 
 
 def seed_spread(acc_by_seed: dict[str, list[float]]) -> list[dict]:
@@ -48,6 +52,15 @@ def seed_spread(acc_by_seed: dict[str, list[float]]) -> list[dict]:
     out = []
     for enc, vals in acc_by_seed.items():
         v = np.asarray(vals, dtype=float)
-        out.append({"encoder": enc, "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                    "min": float(v.min()), "max": float(v.max()), "range": float(v.max() - v.min()), "n": len(v)})
+        out.append(
+            {
+                "encoder": enc,
+                "mean": float(v.mean()),
+                "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                "min": float(v.min()),
+                "max": float(v.max()),
+                "range": float(v.max() - v.min()),
+                "n": len(v),
+            }
+        )
     return out

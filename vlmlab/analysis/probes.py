@@ -19,8 +19,14 @@ def _standardize(train: torch.Tensor, test: torch.Tensor):
 
 
 def linear_probe(
-    x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-    epochs: int = 200, lr: float = 0.1, weight_decay: float = 1e-3, seed: int = 0,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    epochs: int = 200,
+    lr: float = 0.1,
+    weight_decay: float = 1e-3,
+    seed: int = 0,
 ) -> float:
     """Test accuracy of a softmax-regression probe on features [N, D] (full-batch Adam, seeded)."""
     torch.manual_seed(seed)
@@ -36,7 +42,9 @@ def linear_probe(
         return (lin(xte).argmax(-1) == y_test).float().mean().item()
 
 
-def ridge_fit_predict(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, alpha: float = 10.0):
+def ridge_fit_predict(
+    x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, alpha: float = 10.0
+):
     """Closed-form ridge regression (float64); returns predictions for x_test."""
     xtr, xte = _standardize(x_train.double(), x_test.double())
     xtr = torch.cat([xtr, torch.ones(len(xtr), 1, dtype=xtr.dtype)], 1)
@@ -80,8 +88,11 @@ def token_norm_stats(tokens: torch.Tensor, outlier_factor: float = 3.0) -> dict:
     """Token L2 norms: mean, max/median ratio, and the share of tokens above factor x median."""
     norms = tokens.float().norm(dim=-1)
     med = norms.median()
-    return {"mean_norm": norms.mean().item(), "max_over_median": (norms.max() / med).item(),
-            "outlier_share": (norms > outlier_factor * med).float().mean().item()}
+    return {
+        "mean_norm": norms.mean().item(),
+        "max_over_median": (norms.max() / med).item(),
+        "outlier_share": (norms > outlier_factor * med).float().mean().item(),
+    }
 
 
 def effective_rank(tokens: torch.Tensor) -> float:
@@ -103,5 +114,3 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def pooled(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.float().mean(1)
-
-

@@ -16,8 +16,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vlmlab import geometry
-from vlmlab.geometry import format_box
 from vlmlab.data.schema import load_image
+from vlmlab.geometry import format_box
 from vlmlab.vlm.model import IGNORE
 from vlmlab.vlm.prompts import PromptTemplate
 
@@ -36,7 +36,13 @@ def to_tensor(img: Image.Image, mean, std) -> torch.Tensor:
 
 
 def iter_pixel_batches(
-    root: Path, records: Sequence, spec, policy: str | None, img_size: int, batch_size: int = 64, desc: str = "images"
+    root: Path,
+    records: Sequence,
+    spec,
+    policy: str | None,
+    img_size: int,
+    batch_size: int = 64,
+    desc: str = "images",
 ) -> Iterator[tuple[list, torch.Tensor, list[geometry.ImageTransform]]]:
     """Yields (records, pixels [b,3,S,S], transforms) for records that carry `.image` (and `.id`)."""
     for i in tqdm(range(0, len(records), batch_size), desc=desc, leave=False):
@@ -84,4 +90,6 @@ def tokenize_conversation(
 
 def prompt_ids(text: str, template: PromptTemplate, tokenizer) -> list[int]:
     """Ids of a generation prompt: BOS + the human turn up to where the answer starts."""
-    return [tokenizer.bos_token_id] + tokenizer(template.generation_prompt(text), add_special_tokens=False).input_ids
+    return [tokenizer.bos_token_id] + tokenizer(
+        template.generation_prompt(text), add_special_tokens=False
+    ).input_ids

@@ -160,10 +160,12 @@ class WorldConfig:
 
 WORLD_PRESETS: dict[str, WorldConfig] = {
     "smoke": WorldConfig(image_size=48, n_pretrain=256, n_train=256, n_test=64),
-    "toy-cpu": WorldConfig(image_size=80, n_pretrain=3000, n_train=3000, n_test=300, questions_per_image=6,
-                           refs_per_image=3),
-    "toy-gpu": WorldConfig(image_size=256, n_pretrain=20000, n_train=30000, n_test=2000, questions_per_image=6,
-                           refs_per_image=3),
+    "toy-cpu": WorldConfig(
+        image_size=80, n_pretrain=3000, n_train=3000, n_test=300, questions_per_image=6, refs_per_image=3
+    ),
+    "toy-gpu": WorldConfig(
+        image_size=256, n_pretrain=20000, n_train=30000, n_test=2000, questions_per_image=6, refs_per_image=3
+    ),
 }
 
 
@@ -548,7 +550,9 @@ def _write(cfg: WorldConfig, root: Path, progress: bool, workers: int = 1) -> di
         for k, ref in scene_refs(s, cfg.refs_per_image, rng):
             box = s.objects[k].box
             answer = format_box(square_frame_box(box, (s.width, s.height)))
-            pairs.append((GROUNDING_PROMPT.format(ref=ref), answer, {"task": "ref", "box": [float(v) for v in box]}))
+            pairs.append(
+                (GROUNDING_PROMPT.format(ref=ref), answer, {"task": "ref", "box": [float(v) for v in box]})
+            )
         pairs = [pairs[j] for j in rng.permutation(len(pairs))]
         train.append(_record(s.id, s.image, pairs, {"image_size": [s.width, s.height]}))
     texts += [t.value for r in train for t in r.conversations]
@@ -627,14 +631,21 @@ def _write(cfg: WorldConfig, root: Path, progress: bool, workers: int = 1) -> di
     return meta
 
 
-def _record(rid: str, image: str, pairs: list[tuple[str, str, dict]], metadata: dict[str, Any]) -> TrainRecord:
+def _record(
+    rid: str, image: str, pairs: list[tuple[str, str, dict]], metadata: dict[str, Any]
+) -> TrainRecord:
     """A LLaVA conversation: the image token opens the first human turn."""
     conversations = []
     for k, (human, gpt, _) in enumerate(pairs):
-        conversations += [{"from": "human", "value": f"{IMAGE_TOKEN}\n{human}" if k == 0 else human},
-                          {"from": "gpt", "value": gpt}]
+        conversations += [
+            {"from": "human", "value": f"{IMAGE_TOKEN}\n{human}" if k == 0 else human},
+            {"from": "gpt", "value": gpt},
+        ]
     return TrainRecord(
-        id=rid, image=image, conversations=conversations, metadata={**metadata, "turns": [p[2] for p in pairs]}
+        id=rid,
+        image=image,
+        conversations=conversations,
+        metadata={**metadata, "turns": [p[2] for p in pairs]},
     )
 
 

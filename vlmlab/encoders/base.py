@@ -163,7 +163,6 @@ def load_encoder(name: str, weights: str | None = None, tap: str | None = None, 
     return freeze(enc)
 
 
-
 # Classes of the toy "ImageNet" (vlmlab.data.toyworld: shape x colour of the largest object);
 # toy encoder configs size their classification head with it.
 TOY_NUM_CLASSES = 36

@@ -52,7 +52,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: only numpy arrays and plain data")
+        raise pickle.UnpicklingError(
+            f"refusing to load global {module}.{name}: only numpy arrays and plain data"
+        )
 
 
 def safe_unpickle(path: str | Path):
@@ -84,10 +86,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if suffix == ".pkl":
         obj = safe_unpickle(path)
     else:
-        if suffix in (".pth", ".pt", ".bin") and zipfile.is_zipfile(path) is False and path.stat().st_size < 64:
+        if (
+            suffix in (".pth", ".pt", ".bin")
+            and zipfile.is_zipfile(path) is False
+            and path.stat().st_size < 64
+        ):
             raise CheckpointError(f"{path}: truncated file ({path.stat().st_size} bytes)")
         try:
-            with torch.serialization.safe_globals([(collections.OrderedDict, name) for name in PLAIN_DATA_CLASSES]):
+            with torch.serialization.safe_globals(
+                [(collections.OrderedDict, name) for name in PLAIN_DATA_CLASSES]
+            ):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise CheckpointError(
@@ -154,7 +162,9 @@ def mismatch_report(model_sd: Mapping, ckpt_sd: Mapping, limit: int = 20) -> str
     return "\n  ".join(lines)
 
 
-def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str = "checkpoint", config=None) -> None:
+def load_into(
+    module: nn.Module, sd: Mapping[str, torch.Tensor], what: str = "checkpoint", config=None
+) -> None:
     """Strict load with a full report on mismatch (config: what the model expected)."""
     report = mismatch_report(module.state_dict(), sd)
     if report:
@@ -187,5 +197,3 @@ def save_safetensors(sd: Mapping[str, torch.Tensor], path: str | Path, metadata:
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp), metadata=metadata)
     tmp.replace(path)
-
-

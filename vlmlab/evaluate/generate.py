@@ -52,7 +52,9 @@ def greedy_generate(
 
 
 @torch.no_grad()
-def answer_probabilities(model, ids: list[list[int]], vision: torch.Tensor, answer_ids: list[int]) -> list[list[float]]:
+def answer_probabilities(
+    model, ids: list[list[int]], vision: torch.Tensor, answer_ids: list[int]
+) -> list[list[float]]:
     """Next-token probabilities of each answer's first token after the prompt (the public harness's
     way of scoring POPE, VSR, TallyQA and AI2D), renormalised over the answers."""
     embeds, mask, pos, _ = model.assemble(ids, vision, padding_side="left")

@@ -37,7 +37,9 @@ def read_results(path: Path) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             if i != len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is corrupt (not the last line; refusing to guess)") from None
+                raise ValueError(
+                    f"{path}: line {i + 1} is corrupt (not the last line; refusing to guess)"
+                ) from None
     if len(rows) < len(lines):  # rewrite without the broken tail
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
@@ -61,10 +63,18 @@ def score_item(bench, item, text: str, tf, vqa_variant: str) -> dict:
     if bench.group == "loc":
         gt = gt_box_in_frame(item, tf)
         st = metrics.grounding_status(text, gt, thr=bench.iou_threshold)
-        return {"score": float(st["status"] == "correct"), "status": st["status"], "parsed": st["box"],
-                "iou": st["iou"], "gt_box": gt, "transform": tf.to_dict()}
+        return {
+            "score": float(st["status"] == "correct"),
+            "status": st["status"],
+            "parsed": st["box"],
+            "iou": st["iou"],
+            "gt_box": gt,
+            "transform": tf.to_dict(),
+        }
     if bench.metric not in TEXT_SCORERS:
-        raise KeyError(f"{bench.name}: no text scorer for metric {bench.metric!r}; known: {', '.join(TEXT_SCORERS)}")
+        raise KeyError(
+            f"{bench.name}: no text scorer for metric {bench.metric!r}; known: {', '.join(TEXT_SCORERS)}"
+        )
     return {"score": TEXT_SCORERS[bench.metric](text, item, vqa_variant), "parsed": text}
 
 
@@ -72,8 +82,12 @@ def score_probabilities(bench, item, probs: list[float]) -> dict:
     """Probability-scored benchmarks (POPE, VSR, TallyQA, AI2D): the most likely answer string wins."""
     label = item.answers[0] if item.answers else None
     pred = bench.answer_strings[metrics.argmax_first(probs)]
-    return {"score": float(label is not None and pred.lower() == str(label).lower()), "parsed": pred,
-            "probs": probs, "label": label}
+    return {
+        "score": float(label is not None and pred.lower() == str(label).lower()),
+        "parsed": pred,
+        "probs": probs,
+        "label": label,
+    }
 
 
 def load_run_model(run_dir: Path, device: str):
@@ -94,8 +108,11 @@ def load_run_model(run_dir: Path, device: str):
 
 
 def evaluate_run(
-    run_dir: str | Path, benchmarks: list[str] | None = None, limit: int | None = None,
-    batch_size: int | None = None, device: str | None = None,
+    run_dir: str | Path,
+    benchmarks: list[str] | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
 ) -> dict:
     """Generates and scores every benchmark item of a run; writes results/*.jsonl and summary.json."""
     run_dir = Path(run_dir)
@@ -105,7 +122,12 @@ def evaluate_run(
     limit = cfg.eval.limit if limit is None else limit
     batch_size = batch_size or cfg.eval.batch_size
     template = get_template(cfg.llm.template)
-    summary = {"run": run_dir.name, "encoder": enc.spec.name, "vqa_variant": cfg.eval.vqa_variant, "benchmarks": {}}
+    summary = {
+        "run": run_dir.name,
+        "encoder": enc.spec.name,
+        "vqa_variant": cfg.eval.vqa_variant,
+        "benchmarks": {},
+    }
     for name in benchmarks:
         bench = get_benchmark(name)
         items = load_eval(root / "eval" / f"{name}.jsonl")
@@ -116,7 +138,9 @@ def evaluate_run(
         todo = [it for it in items if it.id not in done]
         if todo:
             cache = data_dir() / "features" if cfg.train.feature_cache else None
-            store = extract_features(enc, root, [it.image for it in todo], cfg.policy, cfg.img_size, cache, weights, device)
+            store = extract_features(
+                enc, root, [it.image for it in todo], cfg.policy, cfg.img_size, cache, weights, device
+            )
             with open(out_path, "a") as f:
                 for i in tqdm(range(0, len(todo), batch_size), desc=f"eval {name}", leave=False):
                     chunk = todo[i : i + batch_size]
@@ -126,16 +150,29 @@ def evaluate_run(
                     if bench.scoring == "probabilities":
                         first = [tok(a, add_special_tokens=False).input_ids[0] for a in bench.answer_strings]
                         probs = answer_probabilities(model, ids, vision, first)
-                        rows = [{"id": it.id, "prompt": p, "generation": None, **score_probabilities(bench, it, pr)}
-                                for it, p, pr in zip(chunk, prompts, probs, strict=True)]
+                        rows = [
+                            {
+                                "id": it.id,
+                                "prompt": p,
+                                "generation": None,
+                                **score_probabilities(bench, it, pr),
+                            }
+                            for it, p, pr in zip(chunk, prompts, probs, strict=True)
+                        ]
                     else:
                         gen = greedy_generate(model, ids, vision, tok.eos_token_id, cfg.eval.max_new_tokens)
                         rows = []
                         for it, p, g in zip(chunk, prompts, gen, strict=True):
                             text = cut_at_stop(tok.decode(g, skip_special_tokens=True))
                             tf = store.transforms[it.image]
-                            rows.append({"id": it.id, "prompt": p, "generation": text,
-                                         **score_item(bench, it, text, tf, cfg.eval.vqa_variant)})
+                            rows.append(
+                                {
+                                    "id": it.id,
+                                    "prompt": p,
+                                    "generation": text,
+                                    **score_item(bench, it, text, tf, cfg.eval.vqa_variant),
+                                }
+                            )
                     f.write("".join(json.dumps(r) + "\n" for r in rows))
                     f.flush()
         rows = read_results(out_path)
@@ -148,8 +185,15 @@ def evaluate_run(
 def summarize(bench, rows: list[dict], expected: int) -> dict:
     scores = np.array([r["score"] for r in rows], dtype=float)
     point, lo, hi = stats.bootstrap_ci(scores) if len(scores) else (float("nan"),) * 3
-    out = {"metric": bench.metric, "group": bench.group, "score": float(point), "ci95": [float(lo), float(hi)],
-           "n": len(rows), "expected_n": expected, "complete": len(rows) == expected}
+    out = {
+        "metric": bench.metric,
+        "group": bench.group,
+        "score": float(point),
+        "ci95": [float(lo), float(hi)],
+        "n": len(rows),
+        "expected_n": expected,
+        "complete": len(rows) == expected,
+    }
     if bench.group == "loc":
         counts = Counter(r["status"] for r in rows)
         out["status_rates"] = {k: v / max(len(rows), 1) for k, v in sorted(counts.items())}
@@ -190,7 +234,9 @@ def baselines(cfg, root: Path, enc, benchmarks: list[str], limit: int | None) ->
             out["grounding_mean_box"] = float(np.mean(hits)) if hits else float("nan")
         else:
             fallback = Counter(a for c in answers.values() for a in c.elements()).most_common(1)[0][0]
-            sc = [metrics.vqa_accuracy(majority.get((it.metadata or {}).get("qtype"), fallback), it.answers)
-                  for it in items]
+            sc = [
+                metrics.vqa_accuracy(majority.get((it.metadata or {}).get("qtype"), fallback), it.answers)
+                for it in items
+            ]
             out["vqa_majority"] = float(np.mean(sc)) if sc else float("nan")
     return out

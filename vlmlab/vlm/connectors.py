@@ -20,7 +20,11 @@ def build_connector(kind: str, vision_dim: int, llm_dim: int) -> nn.Module:
     if kind == "fused-gelu-mlp":
         d4 = 4 * vision_dim
         return nn.Sequential(
-            nn.Linear(vision_dim, d4), nn.GELU(), nn.Linear(d4, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim)
+            nn.Linear(vision_dim, d4),
+            nn.GELU(),
+            nn.Linear(d4, llm_dim),
+            nn.GELU(),
+            nn.Linear(llm_dim, llm_dim),
         )
     if kind == "ln-gelu-mlp":
         return nn.Sequential(

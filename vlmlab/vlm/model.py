@@ -61,7 +61,7 @@ class VLM(nn.Module):
         embeds = proj.new_zeros(B, L, H)
         mask = torch.zeros(B, L, dtype=torch.long, device=device)
         lab = torch.full((B, L), IGNORE, dtype=torch.long, device=device) if labels is not None else None
-        for b, (row, te) in enumerate(zip(ids, text_emb, strict=True)):
+        for b, te in enumerate(text_emb):
             n = lengths[b]
             start = 0 if padding_side == "right" else L - n
             seq = torch.cat([te[:1], proj[b], te[1:]], dim=0)

@@ -50,7 +50,11 @@ class PromptTemplate:
 
 TEMPLATES = {
     "vicuna_v15": PromptTemplate(
-        "vicuna_v15", VICUNA_SYSTEM, "{system} USER: {msg} ASSISTANT: ", "USER: {msg} ASSISTANT: ", "{msg}{eos}"
+        "vicuna_v15",
+        VICUNA_SYSTEM,
+        "{system} USER: {msg} ASSISTANT: ",
+        "USER: {msg} ASSISTANT: ",
+        "{msg}{eos}",
     ),
     "llama2_chat": PromptTemplate(
         "llama2_chat",

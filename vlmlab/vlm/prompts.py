@@ -31,6 +31,9 @@ class PromptTemplate:
     human: str  # later human turns: {msg}
     gpt: str  # assistant turn: {msg}, {eos}
     eos: str = "</s>"
+    # SentencePiece (Llama) tokenizers add a token for a trailing space, so the release rstrips every
+    # turn before tokenizing (prismatic FinetuneDataset); ChatML turns end in a meaningful newline.
+    strip_turns: bool = True
 
     def turn(self, index: int, message: str) -> str:
         """Text of turn `index` (even: human, odd: assistant)."""
@@ -40,9 +43,14 @@ class PromptTemplate:
             return fmt.format(system=self.system, msg=message)
         return self.gpt.format(msg=message if message else " ", eos=self.eos)
 
+    def tokenized_turn(self, index: int, message: str) -> str:
+        """The text of a turn as it is tokenized (rstripped where the template says so)."""
+        text = self.turn(index, message)
+        return text.rstrip() if self.strip_turns else text
+
     def generation_prompt(self, message: str) -> str:
         """The text fed for generation: one human turn, ending where the answer starts."""
-        return self.turn(0, message).rstrip()
+        return self.tokenized_turn(0, message)
 
     def turns(self, messages: list[str]) -> list[str]:
         return [self.turn(i, m) for i, m in enumerate(messages)]
@@ -70,6 +78,7 @@ TEMPLATES = {
         "<|im_start|>user\n{msg}<|im_end|>\n<|im_start|>assistant\n",
         "{msg}{eos}\n",
         eos="<|im_end|>",
+        strip_turns=False,
     ),
     "plain": PromptTemplate("plain", "", "{msg}\n", "{msg}\n", "{msg}{eos}"),
 }

@@ -104,9 +104,10 @@ def _cell(v):
 
 
 def table(rows: list[dict], title: str = "") -> go.Figure:
-    cols = list(rows[0]) if rows else []
+    """A plotly table of dict rows; columns in first-seen order over all rows, blanks where missing."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
     fig = go.Figure(
-        go.Table(header=dict(values=cols), cells=dict(values=[[_cell(r[c]) for r in rows] for c in cols]))
+        go.Table(header=dict(values=cols), cells=dict(values=[[_cell(r.get(c, "")) for r in rows] for c in cols]))
     )
     fig.update_layout(title=title)
     return fig

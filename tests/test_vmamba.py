@@ -348,9 +348,10 @@ def test_unsupported_options_raise():
 
 def test_strict_load_lists_missing_unexpected_and_misshaped_keys(tmp_path):
     sd = create_encoder("toy-vmamba").model.state_dict()
+    width = sd["classifier.head.weight"].shape[1]
     del sd["layers.1.blocks.0.op.Ds"]
     sd["layers.9.blocks.0.norm.weight"] = torch.ones(3)
-    sd["classifier.head.weight"] = torch.zeros(10, 256)
+    sd["classifier.head.weight"] = torch.zeros(10, width)
     path = tmp_path / "bad.pth"
     torch.save({"model": sd}, path)
     with pytest.raises(CheckpointError) as err:
@@ -362,7 +363,7 @@ def test_strict_load_lists_missing_unexpected_and_misshaped_keys(tmp_path):
         "1 unexpected",
         "layers.9.blocks.0.norm.weight",
         "1 mis-shaped",
-        "classifier.head.weight: checkpoint (10, 256) vs model (36, 256)",
+        f"classifier.head.weight: checkpoint (10, {width}) vs model (36, {width})",
         "model config",
         "'depths': (1, 1, 2, 1)",
     ):

@@ -25,12 +25,22 @@ Taps (the grammar of `parse_tap`, 0-based indices)::
     <tap>+norm           then the stage's LayerNorm over channels (see `VSSM.stage_norm`)
 
 The paper's "stage 3, layer 14" of VMamba-S is `stage2.layer14+norm` (384-d, stride 16).
+
+Speed: in inference on CUDA (no autograd graph needed, eval mode) each VSS block runs on a
+channel-last copy of the map with Triton kernels (vlmlab/ops/cross_scan_triton.py): one kernel
+for the depthwise conv + SiLU, one for the four scan directions read straight from the map (no
+cross_scan / cross_merge copies, dt projection inside), one for the merge + out_norm; the 1x1
+projections become plain matrix products. Maps between blocks are then channels_last tensors.
+Same math as the reference path (fp32 rounding apart); training and CPU use the reference path.
+Set VLMLAB_VMAMBA_FUSED=0 to run the reference path everywhere (timing comparisons).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import os
 import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -52,7 +62,7 @@ from vlmlab.encoders.base import (
     EncoderSpec,
     register_encoder,
 )
-from vlmlab.ops.scan import selective_scan
+from vlmlab.ops.scan import resolve_backend, selective_scan
 
 __all__ = [
     "VSSM",
@@ -72,6 +82,29 @@ __all__ = [
 K_DIRECTIONS = 4  # row-major, column-major, and both reversed
 
 _ACT_LAYERS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}
+
+# Fused CUDA inference path (module docstring); False runs the reference path on every device.
+FUSED = os.environ.get("VLMLAB_VMAMBA_FUSED", "1") != "0"
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a following nn.Linear computes in: the autocast dtype if on, else x's.
+
+    LayerNorm under autocast returns fp32 that the next matrix product casts down; the fused
+    kernels write that dtype directly (same values, one pass less).
+    """
+    amp = torch.is_autocast_enabled(x.device.type)
+    return torch.get_autocast_dtype(x.device.type) if amp else x.dtype
+
+
+@functools.cache
+def _fused_ops():
+    """The Triton kernels of the fused path, or None where triton does not import."""
+    try:
+        from vlmlab.ops import cross_scan_triton
+    except Exception:  # no triton, or a broken one: the reference path still works
+        return None
+    return cross_scan_triton
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,6 +265,42 @@ class SS2D(nn.Module):
             self.capture.update(us=us, dts=dts, Bs=Bs, Cs=Cs, ys=ys.view(b, k, d, h, w), y=y)
         return y.view(b, d, h, w)
 
+    def can_fuse(self, device: torch.device) -> bool:
+        """Whether `forward_fused` can run here: CUDA, triton, d_state 1, no capture.
+
+        A scan backend forced to "reference" or "chunked" (use_backend, VLMLAB_SCAN) also
+        forces the reference path.
+        """
+        conv = getattr(self, "conv2d", None)
+        return (
+            device.type == "cuda"
+            and self.d_state == 1
+            and self.capture is None
+            and (conv is None or (conv.kernel_size[0] % 2 == 1 and conv.padding_mode == "zeros"))
+            and _fused_ops() is not None
+            and resolve_backend(device) not in ("reference", "chunked")
+        )
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` on a channel-last map (B, H, W, C) -> (B, H, W, C), fused kernels, no autograd."""
+        ops = _fused_ops()
+        b, h, w, _ = x.shape
+        d = self.d_inner
+        z = F.linear(x, self.in_proj.weight)  # (B, H, W, D)
+        silu = isinstance(self.act, nn.SiLU)
+        if hasattr(self, "conv2d"):
+            z = ops.dwconv_act(z, self.conv2d.weight, self.conv2d.bias, "silu" if silu else None)
+        elif silu:
+            z = F.silu(z)
+        if not silu:
+            z = self.act(z)
+        # x_proj of each direction is per position: one product over the row-major map serves all 4
+        x_dbl = F.linear(z.view(-1, d), self.x_proj_weight.view(-1, d))  # (B*H*W, 4 * (R + 2N))
+        ys = ops.cross_scan_fused(z, x_dbl, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds)
+        n = self.out_norm
+        y = ops.merge_layernorm(ys, n.weight, n.bias, n.eps, out_dtype=_matmul_dtype(ys))
+        return self.dropout(F.linear(y, self.out_proj.weight).view(b, h, w, -1))
+
 
 class VSSBlock(nn.Module):
     """x + drop_path(SS2D(norm(x))), then x + drop_path(MLP(norm2(x))); pre-norm, channel-first."""
@@ -281,9 +350,41 @@ class VSSBlock(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._can_fuse(x):
+            return self._forward_fused(x)
         if self.use_checkpoint and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
+
+    def _can_fuse(self, x: torch.Tensor) -> bool:
+        """Fused path: FUSED, eval mode, float16/32 or bf16, no autograd graph, SS2D can fuse."""
+        if not (FUSED and x.is_cuda and not self.training) or x.dtype == torch.float64:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        return not self.ssm_branch or self.op.can_fuse(x.device)
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """`_forward` in eval mode on a channel-last map; returns a channels_last NCHW tensor."""
+        ops = _fused_ops()
+        x = x.permute(0, 2, 3, 1).contiguous()  # no copy when x is channels_last (every block's output)
+        b, h, w, c = x.shape
+        n2 = self.norm2 if self.mlp_branch else None
+        if self.ssm_branch:
+            n = self.norm
+            h1 = ops.layer_norm(x, n.weight, n.bias, n.eps, out_dtype=_matmul_dtype(x))[0]
+            y = self.op.forward_fused(h1.view(b, h, w, c))
+            if n2 is None:
+                x = x + y
+            else:  # x + y and norm2 of it in one pass
+                h2, x = ops.layer_norm(y, n2.weight, n2.bias, n2.eps, residual=x, out_dtype=_matmul_dtype(x))
+        elif n2 is not None:
+            h2 = ops.layer_norm(x, n2.weight, n2.bias, n2.eps, out_dtype=_matmul_dtype(x))[0]
+        if self.mlp_branch:
+            mlp = self.mlp
+            hidden = mlp.act(F.linear(h2, mlp.fc1.weight, mlp.fc1.bias))
+            x = x + F.linear(hidden, mlp.fc2.weight, mlp.fc2.bias).view(b, h, w, c)
+        return x.permute(0, 3, 1, 2)
 
 
 def _patch_embed_v2(in_chans: int, dim: int, patch_norm: bool) -> nn.Sequential:

@@ -55,6 +55,7 @@ def resolution_rows(names, sizes, device, dtype, repeats) -> list[dict]:
                 rows.append(row)
                 break
             rows.append(row)
+            print(row, flush=True)  # partial results survive a time limit
         del enc
     return rows
 

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vlmlab.ops import scan
+from vlmlab.ops import scan, scan_chunked
 from vlmlab.ops.scan import available_backends, resolve_backend, selective_scan, use_backend
 from vlmlab.ops.scan_chunked import selective_scan_chunked
 
@@ -172,6 +172,73 @@ def test_chunked_strong_decay_is_finite():
     inputs["delta"] = inputs["delta"].abs() + 1.0
     dy = torch.randn(1, 4, 513, dtype=torch.float64).float()
     assert_close(run(selective_scan_chunked, inputs, dy, True), expected(inputs, dy, True), 1e-5)
+
+
+@pytest.mark.parametrize("log_range", [None, 4.0, 1e-3], ids=["one-chunk", "short-chunks", "T1"])
+@pytest.mark.parametrize("block", [None, 2200, 700, 1], ids=["one-block", "pairs", "channels", "tiny"])
+def test_chunked_chunks_and_blocks_do_not_change_results(monkeypatch, log_range, block):
+    """Chunk length and CPU blocking only regroup the computation (float64, all gradients to 1e-12).
+
+    The allowed decay range of a chunk sets its length; blocks of whole (batch, group) pairs or of
+    channel ranges within one pair (whose dB/dC parts add up) come from the block size.
+    """
+    lengths, chunk_length = [], scan_chunked.chunk_length
+
+    def spy(*args):
+        lengths.append(chunk_length(*args))
+        return lengths[-1]
+
+    monkeypatch.setattr(scan_chunked, "chunk_length", spy)
+    if log_range is not None:
+        monkeypatch.setitem(scan_chunked.LOG_RANGE, torch.float64, log_range)
+    if block is not None:  # one pair is c n L = 4 * 3 * 90 = 1080 values
+        monkeypatch.setattr(scan_chunked, "BLOCK", block)
+    inputs = make_inputs(2, 12, 90, 3, 3, dtype=torch.float64, seed=5)
+    dy = torch.randn(2, 12, 90, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    assert_close(run(selective_scan_chunked, inputs, dy, True), expected(inputs, dy, True), 1e-12)
+    want = {None: lambda T: T == 90, 4.0: lambda T: 1 < T < 90, 1e-3: lambda T: T == 1}[log_range]
+    assert lengths and want(lengths[0]), lengths
+
+
+@pytest.mark.parametrize("doubling", [False, True], ids=["sequential", "doubling"])
+@pytest.mark.parametrize("nc", [1, 2, 5, 37])
+def test_chunk_chain_solves_its_recurrence(nc, doubling):
+    """The recurrence over chunks, H_0 = 0, H_k+1 = E_k H_k + F_k, both ways, decays of zero included."""
+    g = torch.Generator().manual_seed(nc)
+    E = torch.rand(3, nc, generator=g, dtype=torch.float64)
+    E[1, nc // 2] = 0  # a decay that underflowed
+    F = torch.randn(3, nc, generator=g, dtype=torch.float64)
+    want = torch.zeros(3, nc, dtype=torch.float64)
+    for k in range(nc - 1):
+        want[:, k + 1] = E[:, k] * want[:, k] + F[:, k]
+    torch.testing.assert_close(scan_chunked._chain(E, F, doubling), want, rtol=1e-14, atol=1e-14)
+
+
+def test_chunk_length_bounds_the_decay_of_a_chunk():
+    assert scan_chunked.chunk_length(3136, 0.0, 60.0) == 3136  # no decay: one chunk
+    assert scan_chunked.chunk_length(3136, 4.35, 60.0) == 14  # 13 steps of 4.35 <= 60 < 14 steps
+    assert scan_chunked.chunk_length(196, 9.0, 60.0) == 7  # the longest divisor of L within the bound
+    assert scan_chunked.chunk_length(199, 1.0, 60.0) == 1  # prime L: chunks of one step
+    assert scan_chunked.chunk_length(50, float("nan"), 60.0) == 1
+
+
+def test_chunked_noncontiguous_inputs():
+    """Strided inputs and gradient (MambaVision passes delta and B/C as transposed views)."""
+    x = make_inputs(2, 8, 33, 4, 0, dtype=torch.float32, seed=2)
+    # same values, time-major memory
+    strided = {k: v if v is None or v.dim() < 3 else v.mT.contiguous().mT for k, v in x.items()}
+    dy = torch.randn(2, 33, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64).float().mT
+    assert not strided["delta"].is_contiguous() and not dy.is_contiguous()
+    assert_close(run(selective_scan_chunked, strided, dy, True), expected(x, dy, True), 1e-5)
+
+
+def test_chunked_softplus_above_threshold():
+    """Raw steps above 20, where softplus is the identity (and its gradient 1), as in F.softplus."""
+    x = make_inputs(1, 4, 40, 2, 0, dtype=torch.float64, seed=4)
+    x["delta_bias"][1] = 21.0
+    x["delta"][0, 1, ::3] += 5.0  # some steps of channel 1 on each side of the threshold
+    dy = torch.randn(1, 4, 40, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert_close(run(selective_scan_chunked, x, dy, True), expected(x, dy, True), 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

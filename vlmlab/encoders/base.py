@@ -142,6 +142,12 @@ def _with_params(spec: EncoderSpec, n: int) -> EncoderSpec:
     return replace(spec, params=n)
 
 
+def config_repr(cfg) -> dict:
+    """A model config as plain data (for error messages and saved runs)."""
+    plain = (int, float, str, bool, list, tuple, type(None))
+    return {k: (v if isinstance(v, plain) else repr(v)) for k, v in cfg.items()}
+
+
 def freeze(module: nn.Module) -> nn.Module:
     module.eval()
     for p in module.parameters():

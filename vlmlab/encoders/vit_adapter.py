@@ -49,6 +49,7 @@ from vlmlab.encoders.base import (
     TOY_NUM_CLASSES,
     Encoder,
     EncoderSpec,
+    config_repr,
     register_encoder,
 )
 from vlmlab.encoders.checkpoints import strip_prefix
@@ -836,13 +837,6 @@ def build_vit_adapter(
     return model.to(dtype) if dtype is not None else model
 
 
-def _config_repr(cfg: Mapping) -> dict:
-    return {
-        k: (v if isinstance(v, (int, float, str, bool, list, tuple, type(None))) else repr(v))
-        for k, v in cfg.items()
-    }
-
-
 # ----------------------------------------------------------------------------------------------
 # the encoder
 
@@ -926,7 +920,7 @@ def _create_vit_adapter(
             "upernet_deit_adapter_base_512_160k_ade20k.py"
         ),
     )
-    return ViTAdapterEncoder(model, spec, _config_repr(cfg), backbone_prefix="net." if toy else "")
+    return ViTAdapterEncoder(model, spec, config_repr(cfg), backbone_prefix="net." if toy else "")
 
 
 @register_encoder("vit-adapter-deit-b")

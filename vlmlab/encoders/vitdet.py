@@ -45,6 +45,7 @@ from vlmlab.encoders.base import (
     TOY_NUM_CLASSES,
     Encoder,
     EncoderSpec,
+    config_repr,
     register_encoder,
 )
 from vlmlab.encoders.checkpoints import strip_prefix
@@ -583,14 +584,6 @@ def build_vitdet(device: torch.device | str | None = None, dtype: torch.dtype | 
     return model.to(dtype) if dtype is not None else model
 
 
-def _config_repr(cfg: Mapping) -> dict:
-    """The config as plain data (for error messages and saved runs)."""
-    return {
-        k: (v if isinstance(v, (int, float, str, bool, list, tuple, type(None))) else repr(v))
-        for k, v in cfg.items()
-    }
-
-
 # ----------------------------------------------------------------------------------------------
 # the encoder
 
@@ -670,7 +663,7 @@ def _create_vitdet(
         std=MMDET_STD,
         source="detectron2 modeling/backbone/vit.py (ViT) @02b5c4e; projects/ViTDet COCO Mask R-CNN configs",
     )
-    return ViTDetEncoder(model, spec, _config_repr(cfg), backbone_prefix="net." if toy else "")
+    return ViTDetEncoder(model, spec, config_repr(cfg), backbone_prefix="net." if toy else "")
 
 
 @register_encoder("vitdet-b")

@@ -82,14 +82,43 @@ class Encoder(nn.Module):
         s = self.spec.stride
         if h % s or w % s:
             raise ValueError(
-                f"{self.spec.name}: image size {h}x{w} cannot be tiled by the tap's stride {s}; "
-                f"use sizes that are multiples of {s} (native {self.spec.input_size[0]}x{self.spec.input_size[1]})"
+                f"{self.spec.name}: image size {h}x{w} cannot be tiled by the tap's stride {s}; use sizes "
+                f"that are multiples of {s} (native {self.spec.input_size[0]}x{self.spec.input_size[1]})"
             )
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         self.check_input(pixels)
         fmap = self.forward_map(pixels)
         return fmap.flatten(2).transpose(1, 2)  # [B, h*w, D], row-major
+
+
+class BackboneEncoder(Encoder):
+    """An encoder whose `model` is an official backbone, or a toy classifier that holds the backbone
+    under `backbone_prefix` (e.g. 'net.') so toy pretraining can train a head.
+
+    Subclasses set `official_filter(sd)` (official checkpoint keys -> backbone keys) and
+    `toy_filter(model, sd)` (a checkpoint -> toy-classifier keys).
+    """
+
+    official_filter = staticmethod(dict)
+    toy_filter = None
+
+    def __init__(self, model: nn.Module, spec: EncoderSpec, model_config: dict, backbone_prefix: str = ""):
+        super().__init__(model, spec)
+        self.model_config = model_config
+        self._backbone_prefix = backbone_prefix
+        self.feature_info = self.backbone.feature_info
+
+    def checkpoint_filter(self, sd):
+        """Official checkpoint keys -> `self.model` keys (used by `checkpoints.load_checkpoint`)."""
+        if self._backbone_prefix:
+            return type(self).toy_filter(self.model, sd)
+        return type(self).official_filter(sd)
+
+    @property
+    def backbone(self) -> nn.Module:
+        prefix = self._backbone_prefix.rstrip(".")
+        return self.model.get_submodule(prefix) if prefix else self.model
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from vlmlab.encoders.base import (
     MMDET_MEAN,
     MMDET_STD,
     TOY_NUM_CLASSES,
-    Encoder,
+    BackboneEncoder,
     EncoderSpec,
     config_repr,
     register_encoder,
@@ -841,28 +841,11 @@ def build_vit_adapter(
 # the encoder
 
 
-class ViTAdapterEncoder(Encoder):
+class ViTAdapterEncoder(BackboneEncoder):
     """A ViT-Adapter tapped at one output level ('level0'..'level3' = f1..f4, strides 4/8/16/32)."""
 
-    def __init__(self, model: nn.Module, spec: EncoderSpec, model_config: dict, backbone_prefix: str = ""):
-        super().__init__(model, spec)
-        self.model_config = model_config
-        self._backbone_prefix = backbone_prefix  # 'net.' for the toy classifier, '' for the backbone
-        self.feature_info = self.backbone.feature_info
-
-    def checkpoint_filter(self, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Official checkpoint keys -> `self.model` keys (used by `load_checkpoint`)."""
-        if self._backbone_prefix:
-            return toy_checkpoint_filter(self.model, sd)
-        return checkpoint_filter(sd)
-
-    @property
-    def backbone(self) -> ViTAdapter:
-        return (
-            self.model.get_submodule(self._backbone_prefix.rstrip("."))
-            if self._backbone_prefix
-            else self.model
-        )
+    official_filter = staticmethod(checkpoint_filter)
+    toy_filter = staticmethod(toy_checkpoint_filter)
 
     def check_input(self, pixels: torch.Tensor) -> None:
         super().check_input(pixels)

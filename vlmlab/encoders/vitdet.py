@@ -43,7 +43,7 @@ from vlmlab.encoders.base import (
     MMDET_MEAN,
     MMDET_STD,
     TOY_NUM_CLASSES,
-    Encoder,
+    BackboneEncoder,
     EncoderSpec,
     config_repr,
     register_encoder,
@@ -588,28 +588,11 @@ def build_vitdet(device: torch.device | str | None = None, dtype: torch.dtype | 
 # the encoder
 
 
-class ViTDetEncoder(Encoder):
-    """A ViTDet backbone tapped at `last_feat` (or `blocks.{i}`); tokens row-major over the stride-16 grid."""
+class ViTDetEncoder(BackboneEncoder):
+    """A ViTDet backbone tapped at `last_feat` (or `blocks.{i}`); tokens row-major on the stride-16 grid."""
 
-    def __init__(self, model: nn.Module, spec: EncoderSpec, model_config: dict, backbone_prefix: str = ""):
-        super().__init__(model, spec)
-        self.model_config = model_config
-        self._backbone_prefix = backbone_prefix  # 'net.' for the toy classifier, '' for the backbone
-        self.feature_info = self.backbone.feature_info
-
-    def checkpoint_filter(self, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Official checkpoint keys -> `self.model` keys (used by `load_checkpoint`)."""
-        if self._backbone_prefix:
-            return toy_checkpoint_filter(self.model, sd)
-        return checkpoint_filter(sd)
-
-    @property
-    def backbone(self) -> ViT:
-        return (
-            self.model.get_submodule(self._backbone_prefix.rstrip("."))
-            if self._backbone_prefix
-            else self.model
-        )
+    official_filter = staticmethod(checkpoint_filter)
+    toy_filter = staticmethod(toy_checkpoint_filter)
 
     def forward_map(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_intermediates(pixels, [self.spec.tap])[self.spec.tap]

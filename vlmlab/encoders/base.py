@@ -139,14 +139,7 @@ def register_encoder(name: str) -> Callable:
 
 def _import_families() -> None:
     # importing a family module registers its encoders
-    from vlmlab.encoders import timm_family, vmamba  # noqa: F401
-
-    for optional in ("mambavision", "vitdet", "vit_adapter"):
-        try:
-            __import__(f"vlmlab.encoders.{optional}")
-        except ModuleNotFoundError as e:  # family not written yet
-            if e.name != f"vlmlab.encoders.{optional}":
-                raise
+    from vlmlab.encoders import mambavision, timm_family, vit_adapter, vitdet, vmamba  # noqa: F401
 
 
 def list_encoders() -> list[str]:

@@ -96,12 +96,10 @@ class BackboneEncoder(Encoder):
     """An encoder whose `model` is an official backbone, or a toy classifier that holds the backbone
     under `backbone_prefix` (e.g. 'net.') so toy pretraining can train a head.
 
-    Subclasses set `official_filter(sd)` (official checkpoint keys -> backbone keys) and
-    `toy_filter(model, sd)` (a checkpoint -> toy-classifier keys).
+    Subclasses set `official_filter(sd)` (official checkpoint keys -> backbone keys).
     """
 
     official_filter = staticmethod(dict)
-    toy_filter = None
 
     def __init__(self, model: nn.Module, spec: EncoderSpec, model_config: dict, backbone_prefix: str = ""):
         super().__init__(model, spec)
@@ -110,10 +108,22 @@ class BackboneEncoder(Encoder):
         self.feature_info = self.backbone.feature_info
 
     def checkpoint_filter(self, sd):
-        """Official checkpoint keys -> `self.model` keys (used by `checkpoints.load_checkpoint`)."""
-        if self._backbone_prefix:
-            return type(self).toy_filter(self.model, sd)
-        return type(self).official_filter(sd)
+        """Checkpoint keys -> `self.model` keys (used by `checkpoints.load_checkpoint`).
+
+        A toy classifier's own checkpoint (keys under the prefix, plus 'head.*') passes through; a
+        backbone-only one goes under the prefix and keeps the model's current head, which the
+        encoder never uses (the backbone part still loads strictly).
+        """
+        prefix = self._backbone_prefix
+        if not prefix:
+            return type(self).official_filter(sd)
+        if any(k.startswith(prefix) for k in sd):
+            return dict(sd)
+        out = {f"{prefix}{k}": v for k, v in type(self).official_filter(sd).items()}
+        for k, v in self.model.state_dict().items():
+            if not k.startswith(prefix):
+                out.setdefault(k, v)
+        return out
 
     @property
     def backbone(self) -> nn.Module:

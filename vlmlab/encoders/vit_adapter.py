@@ -749,21 +749,6 @@ def checkpoint_filter(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return dict(sd)
 
 
-def toy_checkpoint_filter(
-    model: ToyViTAdapterClassifier, sd: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Toy checkpoints: the classifier's keys ('net.*', 'head.*') pass through; a backbone-only one
-    (mmseg 'backbone.*' or bare keys) goes under 'net.' and keeps the model's current head, which the
-    encoder never uses (the backbone part still loads strictly)."""
-    if any(k.startswith("net.") for k in sd):
-        return dict(sd)
-    out = {f"net.{k}": v for k, v in checkpoint_filter(sd).items()}
-    for k, v in model.state_dict().items():
-        if k.startswith("head."):
-            out.setdefault(k, v)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # configs
 
@@ -845,7 +830,6 @@ class ViTAdapterEncoder(BackboneEncoder):
     """A ViT-Adapter tapped at one output level ('level0'..'level3' = f1..f4, strides 4/8/16/32)."""
 
     official_filter = staticmethod(checkpoint_filter)
-    toy_filter = staticmethod(toy_checkpoint_filter)
 
     def check_input(self, pixels: torch.Tensor) -> None:
         super().check_input(pixels)

@@ -485,21 +485,6 @@ def checkpoint_filter(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return dict(sd)
 
 
-def toy_checkpoint_filter(
-    model: ToyViTDetClassifier, sd: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Toy checkpoints: the classifier's own keys ('net.*', 'head.*') pass through; a backbone-only
-    checkpoint (detectron2 'backbone.net.*' or bare ViT keys) goes under 'net.' and keeps the model's
-    current head, which the encoder never uses (the backbone part still loads strictly)."""
-    if any(k.startswith("net.") for k in sd):
-        return dict(sd)
-    out = {f"net.{k}": v for k, v in checkpoint_filter(sd).items()}
-    for k, v in model.state_dict().items():
-        if k.startswith("head."):
-            out.setdefault(k, v)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # configs: the ViTDet Mask R-CNN configs (common model + per-size overrides)
 
@@ -592,7 +577,6 @@ class ViTDetEncoder(BackboneEncoder):
     """A ViTDet backbone tapped at `last_feat` (or `blocks.{i}`); tokens row-major on the stride-16 grid."""
 
     official_filter = staticmethod(checkpoint_filter)
-    toy_filter = staticmethod(toy_checkpoint_filter)
 
     def forward_map(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_intermediates(pixels, [self.spec.tap])[self.spec.tap]

@@ -291,7 +291,10 @@ def _load_plugins() -> None:
         except ModuleNotFoundError as e:  # a plugin whose dependencies are not installed here
             if e.name == name:
                 continue
-            print(f"[bench] {name.split('.')[-1].removeprefix('bench_')} unavailable: missing {e.name}", file=sys.stderr)
+            print(
+                f"[bench] {name.split('.')[-1].removeprefix('bench_')} unavailable: missing {e.name}",
+                file=sys.stderr,
+            )
 
 
 def main(argv: list[str] | None = None) -> Path:

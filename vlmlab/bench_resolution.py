@@ -1,7 +1,8 @@
 """`python -m vlmlab.bench resolution`: batch-1 vision latency and peak memory from 224² upwards.
 
 The analogue of the paper's efficiency figure (vision encoders at 224² ... 6144²). A size that runs
-out of memory is recorded as "oom" and larger sizes of that encoder are skipped.
+out of memory is recorded as "oom" and larger sizes of that encoder are skipped; so are the sizes
+after one slower than `--max-latency` seconds (recorded as "over-budget", so a run fits a time limit).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ CPU_NAMES = ["toy-vmamba", "toy-vit", "toy-vitdet"]
 CPU_SIZES = [64, 128, 256]
 
 
-def resolution_rows(names, sizes, device, dtype, repeats) -> list[dict]:
+def resolution_rows(names, sizes, device, dtype, repeats, max_latency: float | None = None) -> list[dict]:
     rows = []
     for name in names:
         enc = create_encoder(name).eval().to(device)
@@ -56,6 +57,13 @@ def resolution_rows(names, sizes, device, dtype, repeats) -> list[dict]:
                 break
             rows.append(row)
             print(row, flush=True)  # partial results survive a time limit
+            if max_latency is not None and row["latency_s"] > max_latency:
+                rows += [
+                    {"encoder": name, "family": enc.spec.family, "size": s, "status": "over-budget"}
+                    for s in sizes
+                    if s > size
+                ]
+                break
         del enc
     return rows
 
@@ -68,6 +76,7 @@ def resolution_rows(names, sizes, device, dtype, repeats) -> list[dict]:
         (("--sizes",), {"nargs": "*", "type": int, "default": None}),
         (("--dtype",), {"default": "fp32", "choices": ["fp32", "bf16"]}),
         (("--repeats",), {"type": int, "default": 3}),
+        (("--max-latency",), {"type": float, "default": None, "help": "seconds; skip larger sizes after"}),
     ],
 )
 def bench_resolution(args: argparse.Namespace) -> list[dict]:
@@ -79,4 +88,5 @@ def bench_resolution(args: argparse.Namespace) -> list[dict]:
         device,
         args.dtype,
         args.repeats,
+        getattr(args, "max_latency", None),
     )

@@ -101,6 +101,24 @@ class EvalConfig:
     vqa_variant: str = "official"
 
 
+INITS = ("classification", "detection", "segmentation")
+
+
+@dataclass
+class SweepConfig:
+    """The grid a suite runs: encoders x inits x connectors x policies x seeds.
+
+    Empty lists mean "just the preset's own value" (`init`, `connector`, `policy`), so a preset
+    without a `sweep:` block runs encoders x seeds only. `workers` trains/evaluates that many cells at
+    once (processes; on one GPU they share it).
+    """
+
+    inits: list[str] = field(default_factory=list)
+    connectors: list[str] = field(default_factory=list)
+    policies: list[str | None] = field(default_factory=list)
+    workers: int = 1
+
+
 @dataclass
 class Config:
     """One preset: the world, the encoders swept, the VLM and the recipe."""
@@ -110,12 +128,16 @@ class Config:
     encoders: list[str] = field(default_factory=lambda: ["toy-vmamba", "toy-vit"])
     img_size: int = 32  # encoder input (square); tokens = (img_size / 16)^2 for the toy taps
     policy: str | None = None  # geometry policy; None = the encoder's default
+    # encoder weights: classification (matched init) | detection | segmentation (toy dense adaptation,
+    # data_prep/adapt_encoders.py); real encoders take their weights from the checkpoint instead
+    init: str = "classification"
     connector: str = "gelu-mlp"
     seeds: list[int] = field(default_factory=lambda: [7])
     llm: LLMConfig = field(default_factory=LLMConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -185,6 +207,8 @@ def config_from_dict(d: dict) -> Config:
 
 
 def run_id(encoder: str, cfg: Config, seed: int) -> str:
-    """Spells out what was trained: encoder + llm + stage + connector + geometry + seed."""
+    """Spells out what was trained: encoder (+ its init if not classification) + llm + stage +
+    connector + geometry + seed."""
     policy = cfg.policy or "default"
-    return f"{encoder}+{cfg.llm.id}+{cfg.train.stage}+{cfg.connector}+{policy}+s{seed}"
+    init = "" if cfg.init == "classification" else f"@{cfg.init[:3]}"
+    return f"{encoder}{init}+{cfg.llm.id}+{cfg.train.stage}+{cfg.connector}+{policy}+s{seed}"

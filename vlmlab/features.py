@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,7 @@ def extract_features(
         if store is not None:
             return store
         if path.exists():  # partial or stale: rebuild from scratch
-            shutil.rmtree(path)
+            shutil.rmtree(path, ignore_errors=True)
     encoder = encoder.to(device).eval()
     refs = [_ImageRef(im, im) for im in images]
     chunks, tfs = [], []
@@ -130,22 +131,34 @@ def extract_features(
     tokens = torch.cat(chunks)
     store = FeatureStore(tokens, {im: i for i, im in enumerate(images)}, dict(zip(images, tfs, strict=True)))
     if path is not None:
-        path.mkdir(parents=True, exist_ok=True)
-        shards = []
-        for s, i in enumerate(range(0, len(images), SHARD_SIZE)):
-            f = path / f"shard-{s:05d}.safetensors"
-            save_safetensors({"tokens": tokens[i : i + SHARD_SIZE]}, f)
-            shards.append({"file": f.name, "bytes": f.stat().st_size, "sha256": file_sha256(f)})
-        atomic_write_json(
-            path / "manifest.json",
-            {
-                "encoder": spec.to_dict(),
-                "weights": weights,
-                "policy": policy or spec.policy,
-                "img_size": img_size,
-                "images": images,
-                "transforms": [t.to_dict() for t in tfs],
-                "shards": shards,
-            },
-        )
+        _write_store(path, tokens, images, tfs, spec, weights, policy, img_size)
     return store
+
+
+def _write_store(path: Path, tokens, images, tfs, spec, weights, policy, img_size) -> None:
+    """Writes the shards and manifest into a private folder, then renames it to `path` in one step,
+    so concurrent builders of the same key (sweep workers) never see or delete each other's files."""
+    final, path = path, path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    shards = []
+    for s, i in enumerate(range(0, len(images), SHARD_SIZE)):
+        f = path / f"shard-{s:05d}.safetensors"
+        save_safetensors({"tokens": tokens[i : i + SHARD_SIZE]}, f)
+        shards.append({"file": f.name, "bytes": f.stat().st_size, "sha256": file_sha256(f)})
+    atomic_write_json(
+        path / "manifest.json",
+        {
+            "encoder": spec.to_dict(),
+            "weights": weights,
+            "policy": policy or spec.policy,
+            "img_size": img_size,
+            "images": images,
+            "transforms": [t.to_dict() for t in tfs],
+            "shards": shards,
+        },
+    )
+    try:
+        path.rename(final)
+    except OSError:  # another process finished the same store first: keep theirs
+        shutil.rmtree(path, ignore_errors=True)

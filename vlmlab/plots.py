@@ -15,8 +15,15 @@ from vlmlab.config import figures_dir
 TOY = " (toy world)"
 
 
-def save_figure(fig: go.Figure, name: str, out_dir: str | Path | None = None, png: bool = True) -> list[Path]:
-    """Writes figures/<name>.html (always) and .png (where kaleido can render); returns the paths."""
+def save_figure(
+    fig: go.Figure,
+    name: str,
+    out_dir: str | Path | None = None,
+    png: bool = True,
+    data: list[dict] | None = None,
+) -> list[Path]:
+    """Writes figures/<name>.html (always), .png (where kaleido can render) and, given `data` (the
+    rows the figure was drawn from), <name>.csv beside them; returns the paths."""
     out = Path(out_dir) if out_dir else figures_dir()
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.html"]
@@ -27,7 +34,25 @@ def save_figure(fig: go.Figure, name: str, out_dir: str | Path | None = None, pn
             paths.append(out / f"{name}.png")
         except Exception as e:  # kaleido missing or no browser for it: HTML is still written
             print(f"[plots] {name}.png not written ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if data:
+        paths.append(write_csv(data, out / f"{name}.csv"))
     return paths
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    """Rows (dicts; columns = the union of their keys, in first-seen order) as CSV, written atomically."""
+    import csv
+    import io
+
+    from vlmlab.io import atomic_write_text
+
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, cols, lineterminator="\n")
+    w.writeheader()
+    w.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+    atomic_write_text(path, buf.getvalue())
+    return Path(path)
 
 
 def bars_with_ci(
@@ -107,7 +132,9 @@ def table(rows: list[dict], title: str = "") -> go.Figure:
     """A plotly table of dict rows; columns in first-seen order over all rows, blanks where missing."""
     cols = list(dict.fromkeys(k for r in rows for k in r))
     fig = go.Figure(
-        go.Table(header=dict(values=cols), cells=dict(values=[[_cell(r.get(c, "")) for r in rows] for c in cols]))
+        go.Table(
+            header=dict(values=cols), cells=dict(values=[[_cell(r.get(c, "")) for r in rows] for c in cols])
+        )
     )
     fig.update_layout(title=title)
     return fig

@@ -47,7 +47,7 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, device: str, batch: int = 
 
 def pretrain_encoder(cfg: Config, name: str, device: str | None = None, force: bool = False) -> Path:
     """Trains `name` (full model with its head) on toy classification; returns the checkpoint path."""
-    out = toy_encoder_weights(cfg, name)
+    out = toy_encoder_weights(cfg, name, "classification")
     meta = out.with_suffix(".json")
     if out.is_file() and meta.is_file() and not force and read_json(meta).get("recipe") == vars(cfg.pretrain):
         return out  # same recipe already trained (a changed recipe retrains)
@@ -99,4 +99,4 @@ def pretrain_encoder(cfg: Config, name: str, device: str | None = None, force: b
 
 def pretrain_report(cfg: Config, names: list[str]) -> list[dict]:
     """The saved pretraining facts (toy top-1 etc.) of each encoder."""
-    return [read_json(toy_encoder_weights(cfg, n).with_suffix(".json")) for n in names]
+    return [read_json(toy_encoder_weights(cfg, n, "classification").with_suffix(".json")) for n in names]

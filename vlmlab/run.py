@@ -12,15 +12,18 @@ notebooks call.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from vlmlab.config import Config, load_preset, project_root, run_id, runs_dir
-from vlmlab.io import atomic_write_json, read_json
+from vlmlab.io import atomic_write_json, atomic_write_text, read_json
 
 NOTEBOOKS = [
     "01_encoder_loading",
@@ -31,51 +34,211 @@ NOTEBOOKS = [
     "06_findings",
     "07_efficiency",
 ]
-TOY_NOTE = "toy-world numbers: they test the pipeline and the study's questions on synthetic data, not the paper's models"
+TOY_NOTE = (
+    "toy-world numbers: they test the pipeline and the study's questions on synthetic data, "
+    "not the paper's models"
+)
 
 
 def suite_dir(cfg: Config, run_root: str | Path | None = None) -> Path:
     return Path(run_root) if run_root else runs_dir() / cfg.name
 
 
+class Cell(NamedTuple):
+    """One cell of a suite's grid: what one VLM run trains (everything else is the preset's)."""
+
+    encoder: str
+    init: str
+    connector: str
+    policy: str | None
+    seed: int
+
+    def config(self, cfg: Config) -> Config:
+        return replace(cfg, init=self.init, connector=self.connector, policy=self.policy)
+
+    def label(self) -> str:
+        """encoder[@init] / connector / policy, without the seed (what seeds are repeats of)."""
+        init = "" if self.init == "classification" else f"@{self.init[:3]}"
+        return f"{self.encoder}{init} / {self.connector} / {self.policy or 'default'}"
+
+
+def sweep_cells(cfg: Config) -> list[Cell]:
+    """encoders x inits x connectors x policies x seeds (`cfg.sweep`; empty lists = the preset's value)."""
+    sw = cfg.sweep
+    grid = itertools.product(
+        cfg.encoders,
+        sw.inits or [cfg.init],
+        sw.connectors or [cfg.connector],
+        sw.policies or [cfg.policy],
+        cfg.seeds,
+    )
+    return [Cell(*g) for g in grid]
+
+
 def prepare(cfg: Config, encoders: list[str] | None = None) -> None:
-    """Makes sure the toy world exists and the toy encoders are pretrained (matched init)."""
+    """Makes sure the toy world exists and the toy encoders are pretrained (matched init) and, where
+    the sweep asks for them, adapted on toy detection / segmentation."""
+    from vlmlab.adapt import adapt_encoder
     from vlmlab.data.toyworld import WORLD_PRESETS, generate_world
     from vlmlab.pretrain import pretrain_encoder
     from vlmlab.train import world_root
 
     if cfg.world in WORLD_PRESETS:
-        generate_world(WORLD_PRESETS[cfg.world], world_root(cfg))
+        generate_world(WORLD_PRESETS[cfg.world], world_root(cfg), workers=min(8, os.cpu_count() or 1))
+    inits = {c.init for c in sweep_cells(cfg)}
     for name in encoders or cfg.encoders:
         if name.startswith("toy-"):
             pretrain_encoder(cfg, name)
+            for task in sorted(inits - {"classification"}):
+                adapt_encoder(cfg, name, task)
 
 
-def run_dirs(cfg: Config, run_root: str | Path | None = None) -> dict[tuple[str, int], Path]:
+def run_dirs(cfg: Config, run_root: str | Path | None = None) -> dict[Cell, Path]:
     root = suite_dir(cfg, run_root) / "vlm"
-    return {(e, s): root / run_id(e, cfg, s) for e in cfg.encoders for s in cfg.seeds}
+    return {c: root / run_id(c.encoder, c.config(cfg), c.seed) for c in sweep_cells(cfg)}
 
 
-def train_suite(cfg: Config, run_root: str | Path | None = None) -> dict[tuple[str, int], Path]:
-    """Trains every (encoder, seed) of the preset; finished runs are skipped."""
+def run_cell(cfg: Config, cell: Cell, run_dir: Path, evaluate: bool = True) -> Path:
+    """Trains (and evaluates) one cell; finished work is skipped, so a rerun resumes."""
+    from vlmlab.evaluate.harness import evaluate_run
     from vlmlab.train import train
 
-    prepare(cfg)
+    c = cell.config(cfg)
+    train(c, cell.encoder, cell.seed, run_dir)
+    if evaluate and not (run_dir / "summary.json").is_file():
+        evaluate_run(run_dir)
+    return run_dir
+
+
+def _run_cell_job(cfg_dict: dict, cell: tuple, run_dir: str, evaluate: bool) -> str:
+    """Process-pool entry point (picklable arguments only)."""
+    import torch
+
+    from vlmlab.config import config_from_dict
+
+    torch.set_num_threads(int(os.environ.get("VLMLAB_CELL_THREADS", "1")))  # workers share the cores
+    return str(run_cell(config_from_dict(cfg_dict), Cell(*cell), Path(run_dir), evaluate))
+
+
+def run_suite(
+    cfg: Config, run_root: str | Path | None = None, evaluate: bool = True, workers: int | None = None
+) -> dict[Cell, Path]:
+    """Runs every cell of the suite's grid, `cfg.sweep.workers` at a time; finished cells are skipped."""
     dirs = run_dirs(cfg, run_root)
-    for (enc, seed), d in dirs.items():
-        train(cfg, enc, seed, d)
+    todo = {
+        c: d for c, d in dirs.items() if not (d / ("summary.json" if evaluate else "done.json")).is_file()
+    }
+    # seed-major order: a sweep stopped early leaves whole replicates of the grid, not whole encoders
+    todo = dict(sorted(todo.items(), key=lambda kv: cfg.seeds.index(kv[0].seed)))
+    if todo:
+        prepare(cfg)
+    workers = min(workers or cfg.sweep.workers, len(todo)) if todo else 1
+    done = len(dirs) - len(todo)
+    print(f"[suite] {len(dirs)} cells, {done} finished, {len(todo)} to run ({workers} at a time)")
+    if workers <= 1:
+        for c, d in todo.items():
+            run_cell(cfg, c, d, evaluate)
+            if evaluate:  # the table grows as cells finish, so a stopped sweep still has one
+                write_sweep_csv(cfg, run_root)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            jobs = {
+                pool.submit(_run_cell_job, cfg.to_dict(), tuple(c), str(d), evaluate): c
+                for c, d in todo.items()
+            }
+            for i, job in enumerate(as_completed(jobs), 1):
+                job.result()  # a failed cell raises here, naming its run dir in the traceback
+                print(f"[suite] {i}/{len(todo)} {jobs[job].label()} s{jobs[job].seed}", flush=True)
+                if evaluate:
+                    write_sweep_csv(cfg, run_root)
+    if evaluate:
+        write_sweep_csv(cfg, run_root)
     return dirs
 
 
-def evaluate_suite(cfg: Config, run_root: str | Path | None = None) -> dict[tuple[str, int], dict]:
-    """Evaluates every trained run of the suite (resumable); returns each run's summary."""
-    from vlmlab.evaluate.harness import evaluate_run
+def train_suite(cfg: Config, run_root: str | Path | None = None) -> dict[Cell, Path]:
+    """Trains every cell of the suite (resumable)."""
+    return run_suite(cfg, run_root, evaluate=False)
 
-    return {k: evaluate_run(d) for k, d in train_suite(cfg, run_root).items()}
+
+def evaluate_suite(cfg: Config, run_root: str | Path | None = None) -> dict[Cell, dict]:
+    """Trains and evaluates every cell of the suite (resumable); returns each run's summary."""
+    return {c: read_json(d / "summary.json") for c, d in run_suite(cfg, run_root).items()}
+
+
+SWEEP_COLUMNS = [
+    "encoder", "family", "params", "toy_top1", "init", "connector", "policy", "seed",
+    "vqa_accuracy", "grounding_acc50", "invalid_box_rate", "near_constant_share", "pred_box_std",
+    "gt_box_std", "n_vqa", "n_ref", "vqa_majority", "grounding_mean_box", "run",
+]  # fmt: skip
+
+
+def sweep_rows(cfg: Config, run_root: str | Path | None = None) -> list[dict]:
+    """One row per finished cell: its grid coordinates, encoder facts and scores."""
+    from vlmlab.analysis.instability import collapse_signals
+    from vlmlab.evaluate.harness import read_results
+    from vlmlab.pretrain import pretrain_report
+
+    facts = {}
+    for enc in cfg.encoders:
+        try:
+            facts[enc] = pretrain_report(cfg, [enc])[0]
+        except FileNotFoundError:
+            facts[enc] = {}
+    rows = []
+    for c, d in run_dirs(cfg, run_root).items():
+        if not (d / "summary.json").is_file():
+            continue
+        summ = read_json(d / "summary.json")
+        vqa, ref = summ["benchmarks"]["toy-vqa"], summ["benchmarks"]["toy-ref"]
+        sig = collapse_signals(read_results(d / "results" / "toy-ref.jsonl"))
+        f = facts[c.encoder]
+        rows.append(
+            {
+                "encoder": c.encoder,
+                "family": f.get("family", ""),
+                "params": f.get("params", ""),
+                "toy_top1": f.get("toy_top1", ""),
+                "init": c.init,
+                "connector": c.connector,
+                "policy": c.policy or "default",
+                "seed": c.seed,
+                "vqa_accuracy": vqa["score"],
+                "grounding_acc50": ref["score"],
+                "invalid_box_rate": ref["invalid_rate"],
+                "near_constant_share": sig["near_constant_share"],
+                "pred_box_std": sig["pred_box_std"],
+                "gt_box_std": sig["gt_box_std"],
+                "n_vqa": vqa["n"],
+                "n_ref": ref["n"],
+                "vqa_majority": summ["baselines"]["vqa_majority"],
+                "grounding_mean_box": summ["baselines"]["grounding_mean_box"],
+                "run": d.name,
+            }
+        )
+    return rows
+
+
+def write_sweep_csv(cfg: Config, run_root: str | Path | None = None) -> Path:
+    """runs/<suite>/sweep.csv: every finished cell, one row each (rewritten atomically)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, SWEEP_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(sweep_rows(cfg, run_root))
+    out = suite_dir(cfg, run_root) / "sweep.csv"
+    atomic_write_text(out, buf.getvalue())
+    return out
 
 
 def suite_summary(cfg: Config, run_root: str | Path | None = None) -> dict:
-    """Per encoder, mean over seeds: VQA accuracy, grounding Acc@0.5, invalid-box rate, baselines."""
+    """Per encoder (per grid cell label when the suite sweeps inits/connectors/policies), mean over
+    seeds: VQA accuracy, grounding Acc@0.5, invalid-box rate, baselines."""
     out = {
         "preset": cfg.name,
         "world": cfg.world,
@@ -83,13 +246,15 @@ def suite_summary(cfg: Config, run_root: str | Path | None = None) -> dict:
         "vqa_variant": cfg.eval.vqa_variant,
         "encoders": {},
     }
-    for enc in cfg.encoders:
-        per_seed = {}
-        for (e, s), d in run_dirs(cfg, run_root).items():
-            if e == enc and (d / "summary.json").is_file():
-                per_seed[s] = read_json(d / "summary.json")
-        if not per_seed:
-            continue
+    groups: dict[str, dict[int, dict]] = {}
+    cells = run_dirs(cfg, run_root)
+    one_config = len({c[1:4] for c in cells}) == 1  # a plain encoders x seeds suite: key by encoder
+    for c, d in cells.items():
+        if (d / "summary.json").is_file():
+            groups.setdefault(c.encoder if one_config else c.label(), {})[c.seed] = read_json(
+                d / "summary.json"
+            )
+    for enc, per_seed in groups.items():
         vqa = [r["benchmarks"]["toy-vqa"]["score"] for r in per_seed.values()]
         loc = [r["benchmarks"]["toy-ref"]["score"] for r in per_seed.values()]
         inv = [r["benchmarks"]["toy-ref"]["invalid_rate"] for r in per_seed.values()]
@@ -112,13 +277,14 @@ def suite_summary(cfg: Config, run_root: str | Path | None = None) -> dict:
 
 
 def format_table(summary: dict) -> str:
+    w = max([22] + [len(k) + 2 for k in summary["encoders"]])
     rows = [
-        f"{'encoder':<22}{'VQA acc':>9}{'Acc@0.5':>9}{'invalid':>9}{'VQA maj.':>10}{'mean box':>10}  seeds"
+        f"{'encoder':<{w}}{'VQA acc':>9}{'Acc@0.5':>9}{'invalid':>9}{'VQA maj.':>10}{'mean box':>10}  seeds"
     ]
     for name, r in summary["encoders"].items():
         b = r["baselines"]
         rows.append(
-            f"{name:<22}{r['vqa_accuracy']:>9.3f}{r['grounding_acc50']:>9.3f}{r['invalid_box_rate']:>9.3f}"
+            f"{name:<{w}}{r['vqa_accuracy']:>9.3f}{r['grounding_acc50']:>9.3f}{r['invalid_box_rate']:>9.3f}"
             f"{b['vqa_majority']:>10.3f}{b['grounding_mean_box']:>10.3f}  {r['n_seeds']}"
         )
     if summary.get("note"):
@@ -156,14 +322,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default="toy-cpu")
     ap.add_argument("--run-id", default=None, help="suite folder under runs/ (default: the preset name)")
     ap.add_argument("--notebooks", nargs="*", default=NOTEBOOKS)
+    ap.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help="train and evaluate the preset's grid without the notebooks (e.g. on a headless GPU box); "
+        "run the notebooks afterwards: they reuse the finished cells",
+    )
     ap.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     a = ap.parse_args(argv)
     cfg = load_preset(a.preset, a.overrides)
     suite = runs_dir() / (a.run_id or cfg.name)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.time()
-    run_notebooks(a.preset, suite, a.notebooks, a.overrides)
+    if a.sweep_only:
+        run_suite(cfg, suite)
+    else:
+        run_notebooks(a.preset, suite, a.notebooks, a.overrides)
     summary = suite_summary(cfg, suite)
+    if any((d / "summary.json").is_file() for d in run_dirs(cfg, suite).values()):
+        print(f"[run] wrote {write_sweep_csv(cfg, suite)}")
     summary["wall_seconds"] = round(time.time() - t0, 1)
     atomic_write_json(suite / "summary.json", summary)
     print(format_table(summary))

@@ -89,13 +89,26 @@ def train_root(cfg: Config) -> Path:
     return world_root(cfg)
 
 
-def toy_encoder_weights(cfg: Config, encoder: str) -> Path:
-    """Where data_prep/pretrain_encoders.py writes the matched-init checkpoint of a toy encoder."""
-    return data_dir() / "encoders" / cfg.world / f"{encoder}-{cfg.img_size}px.safetensors"
+def toy_encoder_weights(cfg: Config, encoder: str, init: str | None = None) -> Path:
+    """Where a toy encoder's checkpoint lives: data_prep/pretrain_encoders.py writes the matched-init
+    (classification) one, data_prep/adapt_encoders.py the detection / segmentation adapted ones."""
+    from vlmlab.config import INITS
+
+    init = init or cfg.init
+    if init not in INITS:
+        raise ValueError(f"unknown encoder init {init!r}; known: {', '.join(INITS)}")
+    suffix = "" if init == "classification" else f"-{init}"
+    return data_dir() / "encoders" / cfg.world / f"{encoder}-{cfg.img_size}px{suffix}.safetensors"
 
 
 def encoder_weights(cfg: Config, encoder: str) -> str | None:
+    """The toy checkpoint of `encoder` for the config's init, if it exists (None: real/random weights).
+
+    An adapted init (detection/segmentation) that was never made is an error, never a silent
+    fallback to another init."""
     p = toy_encoder_weights(cfg, encoder)
+    if cfg.init != "classification" and encoder.startswith("toy-") and not p.is_file():
+        raise FileNotFoundError(f"{p}: no {cfg.init}-adapted checkpoint; run data_prep/adapt_encoders.py")
     return str(p) if p.is_file() else None
 
 

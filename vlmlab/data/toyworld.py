@@ -164,7 +164,7 @@ WORLD_PRESETS: dict[str, WorldConfig] = {
         image_size=80, n_pretrain=3000, n_train=3000, n_test=300, questions_per_image=6, refs_per_image=3
     ),
     "toy-gpu": WorldConfig(
-        image_size=256, n_pretrain=20000, n_train=30000, n_test=2000, questions_per_image=6, refs_per_image=3
+        image_size=256, n_pretrain=8000, n_train=6000, n_test=500, questions_per_image=6, refs_per_image=3
     ),
 }
 

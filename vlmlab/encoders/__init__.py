@@ -10,4 +10,12 @@ from vlmlab.encoders.base import (
     register_encoder,
 )
 
-__all__ = ["Encoder", "EncoderSpec", "create_encoder", "freeze", "list_encoders", "load_encoder", "register_encoder"]
+__all__ = [
+    "Encoder",
+    "EncoderSpec",
+    "create_encoder",
+    "freeze",
+    "list_encoders",
+    "load_encoder",
+    "register_encoder",
+]

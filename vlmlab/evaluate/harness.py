@@ -94,7 +94,14 @@ def load_run_model(run_dir: Path, device: str):
     """Rebuilds (cfg, model, tokenizer, encoder, weights) of a finished run from its files."""
     import yaml
 
-    from vlmlab.train import FrozenTower, build_model, latest_checkpoint, load_trainable, tower_dtype, world_root
+    from vlmlab.train import (
+        FrozenTower,
+        build_model,
+        latest_checkpoint,
+        load_trainable,
+        tower_dtype,
+        world_root,
+    )
 
     cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     run = json.loads((run_dir / "run.json").read_text())

@@ -1,0 +1,138 @@
+"""The suite grid: cells, resumable runs, sweep.csv, and paired effects of one factor."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import vlmlab.run as suite
+from vlmlab.analysis import sweep
+from vlmlab.config import load_preset, run_id
+
+
+def _grid_cfg(**sweep_kw):
+    cfg = load_preset("smoke")
+    cfg.seeds = [7, 8]
+    for k, v in sweep_kw.items():
+        setattr(cfg.sweep, k, v)
+    return cfg
+
+
+def test_cells_are_the_full_product_with_distinct_run_ids():
+    cfg = _grid_cfg(inits=["classification", "detection"], connectors=["gelu-mlp", "fused-gelu-mlp"])
+    cells = suite.sweep_cells(cfg)
+    assert len(cells) == len(cfg.encoders) * 2 * 2 * len(cfg.sweep.policies) * 2
+    assert len({run_id(c.encoder, c.config(cfg), c.seed) for c in cells}) == len(cells)
+    c = next(c for c in cells if c.init == "detection")
+    assert "@det" in run_id(c.encoder, c.config(cfg), c.seed) and c.config(cfg).init == "detection"
+
+
+def test_empty_sweep_lists_fall_back_to_the_preset_values():
+    cfg = _grid_cfg(inits=[], connectors=[], policies=[])
+    cells = suite.sweep_cells(cfg)
+    assert {(c.init, c.connector, c.policy) for c in cells} == {(cfg.init, cfg.connector, cfg.policy)}
+    assert len(cells) == len(cfg.encoders) * len(cfg.seeds)
+
+
+def _fake_summary(d, vqa, ref):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "results").mkdir(exist_ok=True)
+    (d / "results" / "toy-vqa.jsonl").write_text(
+        "".join(json.dumps({"id": f"q{i}", "score": s}) + "\n" for i, s in enumerate(vqa))
+    )
+    rows = [
+        {
+            "id": f"r{i}",
+            "score": s,
+            "status": "correct" if s else "wrong-location",
+            "parsed": [0.1, 0.1, 0.5, 0.5],
+            "gt_box": [0.1, 0.1, 0.5, 0.5],
+        }
+        for i, s in enumerate(ref)
+    ]
+    (d / "results" / "toy-ref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench = lambda x: {"score": float(np.mean(x)), "n": len(x), "invalid_rate": 0.0}  # noqa: E731
+    (d / "summary.json").write_text(
+        json.dumps(
+            {
+                "benchmarks": {"toy-vqa": bench(vqa), "toy-ref": bench(ref)},
+                "baselines": {"vqa_majority": 0.3, "grounding_mean_box": 0.01},
+            }
+        )
+    )
+
+
+def test_run_suite_skips_finished_cells_and_writes_the_table(tmp_path, monkeypatch):
+    cfg = _grid_cfg(
+        inits=["classification"], connectors=["gelu-mlp", "fused-gelu-mlp"], policies=["letterbox-center"]
+    )
+    ran = []
+
+    def fake_run_cell(cfg_, cell, d, evaluate=True):
+        ran.append(cell)
+        _fake_summary(d, [1, 0, 1], [0, 1, 0])
+        return d
+
+    monkeypatch.setattr(suite, "run_cell", fake_run_cell)
+    monkeypatch.setattr(suite, "prepare", lambda cfg_: None)
+    dirs = suite.run_dirs(cfg, tmp_path)
+    first = next(iter(dirs))
+    _fake_summary(dirs[first], [1, 1, 1], [1, 1, 1])  # finished before: must be skipped
+    suite.run_suite(cfg, tmp_path)
+    assert first not in ran and len(ran) == len(dirs) - 1
+    assert [c.seed for c in ran] == sorted(c.seed for c in ran)  # seed-major order
+    with open(tmp_path / "sweep.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(dirs) and set(table[0]) == set(suite.SWEEP_COLUMNS)
+    row = next(r for r in table if r["run"] == dirs[first].name)
+    assert float(row["grounding_acc50"]) == 1.0 and row["connector"] == first.connector
+    ran.clear()
+    suite.run_suite(cfg, tmp_path)  # everything finished: nothing runs again
+    assert ran == []
+
+
+def _cell(**kw):
+    base = {
+        "encoder": "toy-vit",
+        "init": "classification",
+        "connector": "gelu-mlp",
+        "policy": "letterbox-center",
+        "seed": 7,
+    }
+    return suite.Cell(**{**base, **kw})
+
+
+def test_paired_effect_pairs_cells_differing_in_one_factor_only():
+    rng = np.random.default_rng(0)
+    items = {}
+    for enc in ("toy-vit", "toy-vmamba"):
+        for seed in (7, 8):
+            base = rng.integers(0, 2, 400).astype(float)
+            better = np.maximum(base, rng.integers(0, 2, 400) * (rng.random(400) < 0.3))
+            for conn, scores in (("gelu-mlp", base), ("fused-gelu-mlp", better)):
+                items[_cell(encoder=enc, seed=seed, connector=conn)] = {
+                    "toy-ref": {f"r{i}": s for i, s in enumerate(scores)}
+                }
+    items[_cell(encoder="toy-vit", seed=9, policy="letterbox-corner")] = {
+        "toy-ref": {"r0": 1.0}
+    }  # no partner
+    eff = sweep.paired_effect(items, "connector", "gelu-mlp", "fused-gelu-mlp")
+    assert eff["n_pairs"] == 4 and eff["n_up"] == 4 and eff["n_down"] == 0
+    assert 0.05 < eff["delta"] < 0.3 and eff["lo"] <= eff["delta"] <= eff["hi"]
+    assert all(r["p"] < 0.05 for r in eff["pairs"])
+    none = sweep.paired_effect(items, "connector", "gelu-mlp", "ln-gelu-mlp")
+    assert none["n_pairs"] == 0 and np.isnan(sweep.effect_row(none)["delta"])
+
+
+def test_paired_effect_of_identical_runs_is_zero_and_not_significant():
+    scores = {f"r{i}": float(i % 2) for i in range(100)}
+    items = {_cell(policy=p): {"toy-ref": dict(scores)} for p in ("letterbox-center", "letterbox-corner")}
+    eff = sweep.paired_effect(items, "policy", "letterbox-corner", "letterbox-center")
+    assert eff["delta"] == 0 and eff["pairs"][0]["p"] == pytest.approx(1.0)
+
+
+def test_constant_box_reference_brackets_the_collapse_thresholds():
+    gt = np.random.default_rng(0).uniform(0, 1, (500, 4))
+    ref = sweep.constant_box_reference(gt)
+    assert ref["gt_near_constant_share"] < 0.05 and ref["mean_box_near_constant_share"] == 1.0

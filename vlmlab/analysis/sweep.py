@@ -1,0 +1,118 @@
+"""Reading a suite's grid back: per-item scores of every cell, and paired effects of one factor.
+
+A *factor* is one grid coordinate of `vlmlab.run.Cell` (init, connector, policy, encoder). Its effect
+"b instead of a" is measured on pairs of cells that differ in that factor alone (same encoder, other
+factors and seed), scored on the same test items:
+
+* per pair: the mean per-item difference (b - a), with a paired bootstrap CI over items and a paired
+  permutation p-value (`vlmlab.evaluate.stats`);
+* over pairs: the mean of the per-pair differences with a bootstrap CI over pairs, so the
+  interval covers seed and encoder variation too, plus how many pairs moved up.
+
+Notebooks 05 and 06 use these; the numbers are whatever the sweep gives (toy world for toy presets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from vlmlab.evaluate import stats
+from vlmlab.evaluate.harness import read_results
+
+BENCHMARKS = ("toy-vqa", "toy-ref")
+
+
+def load_items(dirs: Mapping, benchmarks: Iterable[str] = BENCHMARKS) -> dict:
+    """Cell -> benchmark -> {item id: score} for every finished cell (`dirs`: Cell -> run dir, as
+    `vlmlab.run.run_dirs` gives)."""
+    out = {}
+    for cell, d in dirs.items():
+        if (Path(d) / "summary.json").is_file():
+            out[cell] = {
+                b: {r["id"]: float(r["score"]) for r in read_results(Path(d) / "results" / f"{b}.jsonl")}
+                for b in benchmarks
+            }
+    return out
+
+
+def _aligned(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    ids = sorted(set(a) & set(b))
+    if not ids:
+        raise ValueError("the two cells share no scored items")
+    return np.array([a[i] for i in ids]), np.array([b[i] for i in ids])
+
+
+def pairs(items: Mapping, factor: str, a, b) -> list[tuple]:
+    """(cell with factor=a, cell with factor=b) for every cell pair differing only in `factor`."""
+    by_rest = {}
+    for cell in items:
+        rest = cell._replace(**{factor: None})
+        by_rest.setdefault(rest, {})[getattr(cell, factor)] = cell
+    return [(v[a], v[b]) for v in by_rest.values() if a in v and b in v]
+
+
+def paired_effect(
+    items: Mapping, factor: str, a, b, bench: str = "toy-ref", n_boot: int = 1000, n_perm: int = 2000
+) -> dict:
+    """Effect of `factor` = b instead of a on `bench` (score differences b - a), per pair and overall."""
+    rows = []
+    for ca, cb in pairs(items, factor, a, b):
+        xa, xb = _aligned(items[ca][bench], items[cb][bench])
+        ci = stats.paired_bootstrap(xb, xa, n_boot=n_boot)
+        rows.append(
+            {
+                "pair": f"{ca.label()} s{ca.seed}",  # the a-cell; its partner differs in `factor` only
+                "encoder": ca.encoder,
+                "a": float(xa.mean()),
+                "b": float(xb.mean()),
+                "delta": ci.point,
+                "lo": ci.lo,
+                "hi": ci.hi,
+                "p": stats.paired_permutation_test(xb, xa, n=n_perm),
+                "n_items": int(xa.size),
+            }
+        )
+    out = {"factor": factor, "a": a, "b": b, "bench": bench, "n_pairs": len(rows), "pairs": rows}
+    if rows:
+        deltas = np.array([r["delta"] for r in rows])
+        ci = stats.bootstrap_ci(deltas, n_boot=n_boot) if len(rows) > 1 else None
+        out.update(
+            delta=float(deltas.mean()),
+            lo=ci.lo if ci else float("nan"),
+            hi=ci.hi if ci else float("nan"),
+            n_up=int((deltas > 0).sum()),
+            n_down=int((deltas < 0).sum()),
+            n_significant=int(sum(r["p"] < 0.05 for r in rows)),
+        )
+    return out
+
+
+def effect_row(effect: dict, name: str | None = None) -> dict:
+    """One summary line of a `paired_effect` result (for tables and forest plots)."""
+    return {
+        "effect": name or f"{effect['factor']}: {effect['a']} → {effect['b']}",
+        "bench": effect["bench"],
+        "pairs": effect["n_pairs"],
+        "delta": effect.get("delta", float("nan")),
+        "lo": effect.get("lo", float("nan")),
+        "hi": effect.get("hi", float("nan")),
+        "up": effect.get("n_up", 0),
+        "down": effect.get("n_down", 0),
+        "p<0.05 pairs": effect.get("n_significant", 0),
+    }
+
+
+def constant_box_reference(gt_boxes: np.ndarray, thr: float = 0.05) -> dict:
+    """Collapse signals of two reference predictors on the same items, for placing thresholds:
+    the ground truth itself (no collapse: full spread) and the mean box for every item (total collapse)."""
+    gt = np.asarray(gt_boxes, dtype=float).reshape(-1, 4)
+    med = np.median(gt, axis=0)
+    return {
+        "gt_near_constant_share": float((np.abs(gt - med).max(1) <= thr).mean()),
+        "gt_std_ratio": 1.0,
+        "mean_box_near_constant_share": 1.0,
+        "mean_box_std_ratio": 0.0,
+    }

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PRESET ?= toy-cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lab bench check data clean
+.PHONY: install demo test test-fast lab bench check data clean sweep figures
 
 install: $(STAMP)
 
@@ -29,6 +29,22 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 	VLMLAB_FIGURES=$(CURDIR)/runs/smoke/figures $(BIN)/python -m pytest -q --nbval-lax notebooks/ \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg
+
+# The study's grid (encoders x inits x connectors x geometries x seeds). SWEEP=toy-gpu on a GPU;
+# toy-cpu-sweep is the reduced CPU version. Resumable: finished cells are skipped.
+SWEEP ?= toy-cpu-sweep
+sweep: $(STAMP)
+	$(BIN)/python -m vlmlab.run --preset $(SWEEP) --sweep-only
+
+# The committed figures: notebooks 05-06 over a finished grid (no training) and notebook 07 over the
+# saved H100 resolution benchmark. PNGs need the `export` extra and a Chromium for kaleido.
+figures: $(STAMP)
+	VLMLAB_FIGURES=$(CURDIR)/figures/$(SWEEP) $(BIN)/python -m vlmlab.run --preset $(SWEEP) --no-train \
+		--notebooks 05_localization_instability 06_findings
+	cp runs/$(SWEEP)/sweep.csv figures/$(SWEEP)/sweep.csv
+	VLMLAB_FIGURES=$(CURDIR)/figures/efficiency $(BIN)/python -m papermill -p bench_json \
+		$(CURDIR)/figures/bench/resolution-h100-bf16.json notebooks/07_efficiency.ipynb \
+		runs/bench/07_efficiency.ipynb --cwd notebooks
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/

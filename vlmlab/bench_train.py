@@ -87,6 +87,7 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
                 wall = time.perf_counter() - t0
                 done = json.loads((run / "done.json").read_text())
                 info = json.loads((run / "run.json").read_text())
+                last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])  # the final step's
                 rows.append(
                     {
                         "data_path": "feature-cache" if cache else "encoder-per-batch",
@@ -98,6 +99,9 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
                         "prepare_s": done["data_seconds"],
                         "epoch_s": done["loop_seconds"],
                         "wall_s": round(wall, 3),
+                        # whole-loop averages from the final metrics line; MFU where the GPU's peak is known
+                        "tokens_per_s": last.get("tokens_per_s"),
+                        "mfu": last.get("mfu"),
                     }
                 )
         finally:

@@ -292,7 +292,9 @@ def format_table(summary: dict) -> str:
     return "\n".join(rows)
 
 
-def run_notebooks(preset: str, suite: Path, notebooks: list[str], overrides: list[str]) -> list[Path]:
+def run_notebooks(
+    preset: str, suite: Path, notebooks: list[str], overrides: list[str], extra: dict | None = None
+) -> list[Path]:
     import papermill as pm
 
     nb_dir = project_root() / "notebooks"
@@ -307,7 +309,7 @@ def run_notebooks(preset: str, suite: Path, notebooks: list[str], overrides: lis
         pm.execute_notebook(
             str(src),
             str(dst),
-            parameters={"preset": preset, "run_root": str(suite), "overrides": overrides},
+            parameters={"preset": preset, "run_root": str(suite), "overrides": overrides, **(extra or {})},
             cwd=str(nb_dir),
             progress_bar=False,
             kernel_name="python3",
@@ -328,6 +330,11 @@ def main(argv: list[str] | None = None) -> None:
         help="train and evaluate the preset's grid without the notebooks (e.g. on a headless GPU box); "
         "run the notebooks afterwards: they reuse the finished cells",
     )
+    ap.add_argument(
+        "--no-train",
+        action="store_true",
+        help="notebooks 05/06 analyse the finished cells only (train_missing=False), e.g. a GPU-swept grid",
+    )
     ap.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     a = ap.parse_args(argv)
     cfg = load_preset(a.preset, a.overrides)
@@ -337,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.sweep_only:
         run_suite(cfg, suite)
     else:
-        run_notebooks(a.preset, suite, a.notebooks, a.overrides)
+        extra = {"train_missing": False} if a.no_train else None
+        run_notebooks(a.preset, suite, a.notebooks, a.overrides, extra)
     summary = suite_summary(cfg, suite)
     if any((d / "summary.json").is_file() for d in run_dirs(cfg, suite).values()):
         print(f"[run] wrote {write_sweep_csv(cfg, suite)}")

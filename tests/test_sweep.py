@@ -75,7 +75,7 @@ def test_run_suite_skips_finished_cells_and_writes_the_table(tmp_path, monkeypat
         return d
 
     monkeypatch.setattr(suite, "run_cell", fake_run_cell)
-    monkeypatch.setattr(suite, "prepare", lambda cfg_: None)
+    monkeypatch.setattr(suite, "prepare", lambda cfg_, **kw: None)
     dirs = suite.run_dirs(cfg, tmp_path)
     first = next(iter(dirs))
     _fake_summary(dirs[first], [1, 1, 1], [1, 1, 1])  # finished before: must be skipped

@@ -75,22 +75,39 @@ def sweep_cells(cfg: Config) -> list[Cell]:
     return [Cell(*g) for g in grid]
 
 
-def prepare(cfg: Config, encoders: list[str] | None = None) -> None:
+def prepare(cfg: Config, encoders: list[str] | None = None, workers: int = 1) -> None:
     """Makes sure the toy world exists and the toy encoders are pretrained (matched init) and, where
-    the sweep asks for them, adapted on toy detection / segmentation."""
-    from vlmlab.adapt import adapt_encoder
+    the sweep asks for them, adapted on toy detection / segmentation; `workers` encoders at a time."""
     from vlmlab.data.toyworld import WORLD_PRESETS, generate_world
-    from vlmlab.pretrain import pretrain_encoder
     from vlmlab.train import world_root
 
     if cfg.world in WORLD_PRESETS:
         generate_world(WORLD_PRESETS[cfg.world], world_root(cfg), workers=min(8, os.cpu_count() or 1))
-    inits = {c.init for c in sweep_cells(cfg)}
-    for name in encoders or cfg.encoders:
-        if name.startswith("toy-"):
-            pretrain_encoder(cfg, name)
-            for task in sorted(inits - {"classification"}):
-                adapt_encoder(cfg, name, task)
+    names = [n for n in encoders or cfg.encoders if n.startswith("toy-")]
+    tasks = sorted({c.init for c in sweep_cells(cfg)} - {"classification"})
+    _in_pool(_prepare_job, [(cfg.to_dict(), n, None) for n in names], workers)  # matched init first
+    _in_pool(_prepare_job, [(cfg.to_dict(), n, t) for n in names for t in tasks], workers)
+
+
+def _prepare_job(cfg_dict: dict, name: str, task: str | None) -> str:
+    """Pretrains (task None) or adapts one toy encoder; finished ones are skipped inside."""
+    from vlmlab.adapt import adapt_encoder
+    from vlmlab.config import config_from_dict
+    from vlmlab.pretrain import pretrain_encoder
+
+    cfg = config_from_dict(cfg_dict)
+    return str(pretrain_encoder(cfg, name) if task is None else adapt_encoder(cfg, name, task))
+
+
+def _in_pool(fn, jobs: list[tuple], workers: int) -> list:
+    """fn(*job) for every job: in this process if workers <= 1, else in spawned processes."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(*job) for job in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+        return list(pool.map(fn, *zip(*jobs, strict=True)))
 
 
 def run_dirs(cfg: Config, run_root: str | Path | None = None) -> dict[Cell, Path]:
@@ -130,9 +147,9 @@ def run_suite(
     }
     # seed-major order: a sweep stopped early leaves whole replicates of the grid, not whole encoders
     todo = dict(sorted(todo.items(), key=lambda kv: cfg.seeds.index(kv[0].seed)))
-    if todo:
-        prepare(cfg)
     workers = min(workers or cfg.sweep.workers, len(todo)) if todo else 1
+    if todo:
+        prepare(cfg, workers=min(workers, 4))  # encoder training is heavier than a cell
     done = len(dirs) - len(todo)
     print(f"[suite] {len(dirs)} cells, {done} finished, {len(todo)} to run ({workers} at a time)")
     if workers <= 1:

@@ -23,7 +23,6 @@ train; the rest (layers after the tap, the classification head) stay frozen, so 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from pathlib import Path
@@ -32,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from vlmlab.config import Config
 from vlmlab.data.datasets import iter_pixel_batches
@@ -40,8 +38,10 @@ from vlmlab.data.schema import load_class
 from vlmlab.data.toyworld import COLOURS, SHAPES, ToyObject, load_scenes, object_mask
 from vlmlab.encoders import load_encoder
 from vlmlab.encoders.checkpoints import save_safetensors
+from vlmlab.features import file_sha256
 from vlmlab.io import atomic_write_json, read_json
-from vlmlab.train import get_lr, toy_encoder_weights, world_root
+from vlmlab.pretrain import run_recipe
+from vlmlab.train import toy_encoder_weights, world_root
 
 TASKS = ("detection", "segmentation")
 N_CLASSES = len(SHAPES) * len(COLOURS)  # shape x colour, ToyObject.label
@@ -196,10 +196,6 @@ def tap_parameters(enc, pixels: torch.Tensor) -> list[str]:
     return names
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # ---- adaptation ----------------------------------------------------------------------------------
 
 
@@ -215,7 +211,7 @@ def adapt_encoder(cfg: Config, name: str, task: str, device: str | None = None, 
             f"python data_prep/pretrain_encoders.py --preset {cfg.name} --encoders {name}"
         )
     pc = cfg.pretrain
-    out, src_sha = toy_encoder_weights(cfg, name, task), _sha256(src)
+    out, src_sha = toy_encoder_weights(cfg, name, task), file_sha256(src)
     meta = out.with_suffix(".json")
     if out.is_file() and meta.is_file() and not force:
         old = read_json(meta)
@@ -238,28 +234,18 @@ def adapt_encoder(cfg: Config, name: str, task: str, device: str | None = None, 
     # 3. train what the tap depends on; the classification head (and layers after the tap) stay frozen
     tap_parameters(enc, x_tr[:2].to(device))
     params = [p for p in enc.model.parameters() if p.requires_grad] + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=pc.weight_decay)
 
-    # 4. the pretraining loop, verbatim recipe
-    steps_per_epoch = math.ceil(len(x_tr) / pc.batch_size)
-    total = pc.epochs * steps_per_epoch
-    g = torch.Generator().manual_seed(pc.seed)
+    # 4. the pretraining recipe, shared code
     enc.train()
     head.train()
     t0 = time.time()
-    bar = tqdm(range(total), desc=f"adapt {name} ({task})", leave=False)
-    for step in bar:
-        if step % steps_per_epoch == 0:
-            order = torch.randperm(len(x_tr), generator=g)
-        idx = order[(step % steps_per_epoch) * pc.batch_size :][: pc.batch_size]
-        for group in opt.param_groups:
-            group["lr"] = get_lr(step, total, pc)
-        loss = dense_loss(task, head(enc.forward_map(x_tr[idx].to(device))), _take(t_tr, idx, device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    run_recipe(
+        pc,
+        params,
+        len(x_tr),
+        lambda idx: dense_loss(task, head(enc.forward_map(x_tr[idx].to(device))), _take(t_tr, idx, device)),
+        f"adapt {name} ({task})",
+    )
     train_seconds = round(time.time() - t0, 1)
 
     # 5. evaluate, then keep the backbone only (the task head is discarded)

@@ -45,6 +45,29 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, device: str, batch: int = 
     return hits / max(len(x), 1)
 
 
+def run_recipe(pc, params: list[torch.nn.Parameter], n: int, loss_fn, desc: str) -> None:
+    """The one toy-encoder recipe (pretraining and dense adaptation alike): `pc.epochs` epochs over
+    `n` examples in seeded random order, AdamW, warmup + cosine (`get_lr`), grad clip 1.0.
+    `loss_fn(indices)` returns the loss of that mini-batch."""
+    opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=pc.weight_decay)
+    steps_per_epoch = math.ceil(n / pc.batch_size)
+    total = pc.epochs * steps_per_epoch
+    g = torch.Generator().manual_seed(pc.seed)
+    bar = tqdm(range(total), desc=desc, leave=False)
+    for step in bar:
+        if step % steps_per_epoch == 0:
+            order = torch.randperm(n, generator=g)
+        idx = order[(step % steps_per_epoch) * pc.batch_size :][: pc.batch_size]
+        for group in opt.param_groups:
+            group["lr"] = get_lr(step, total, pc)
+        loss = loss_fn(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
 def pretrain_encoder(cfg: Config, name: str, device: str | None = None, force: bool = False) -> Path:
     """Trains `name` (full model with its head) on toy classification; returns the checkpoint path."""
     out = toy_encoder_weights(cfg, name, "classification")
@@ -59,24 +82,14 @@ def pretrain_encoder(cfg: Config, name: str, device: str | None = None, force: b
     x_tr, y_tr = _pixels(root, load_class(root / "classification" / "train.jsonl"), enc, cfg)
     x_te, y_te = _pixels(root, load_class(root / "classification" / "test.jsonl"), enc, cfg)
     model = enc.model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay)
-    steps_per_epoch = math.ceil(len(x_tr) / pc.batch_size)
-    total = pc.epochs * steps_per_epoch
-    g = torch.Generator().manual_seed(pc.seed)
     t0 = time.time()
-    bar = tqdm(range(total), desc=f"pretrain {name}", leave=False)
-    for step in bar:
-        if step % steps_per_epoch == 0:
-            order = torch.randperm(len(x_tr), generator=g)
-        idx = order[(step % steps_per_epoch) * pc.batch_size :][: pc.batch_size]
-        for group in opt.param_groups:
-            group["lr"] = get_lr(step, total, pc)
-        loss = F.cross_entropy(model(x_tr[idx].to(device)), y_tr[idx].to(device), label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    run_recipe(
+        pc,
+        list(model.parameters()),
+        len(x_tr),
+        lambda idx: F.cross_entropy(model(x_tr[idx].to(device)), y_tr[idx].to(device), label_smoothing=0.1),
+        f"pretrain {name}",
+    )
     acc = accuracy(model, x_te, y_te, device)
     save_safetensors(model.state_dict(), out, metadata={"encoder": name, "world": cfg.world})
     atomic_write_json(

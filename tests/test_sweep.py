@@ -103,6 +103,23 @@ def _cell(**kw):
     return suite.Cell(**{**base, **kw})
 
 
+def test_pool_workers_are_spread_round_robin_over_the_visible_gpus(monkeypatch):
+    import multiprocessing as mp
+    import os
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5")
+    gpus = suite.visible_gpus()
+    assert gpus == ["3", "5"]
+    counter, seen = mp.Value("i", 0), []
+    for _ in range(5):  # what five workers' initializers do, in start order
+        suite._pin_worker(counter, gpus)
+        seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+    assert seen == ["3", "5", "3", "5", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: nothing is pinned
+    suite._pin_worker(counter, suite.visible_gpus())
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+
+
 def test_paired_effect_pairs_cells_differing_in_one_factor_only():
     rng = np.random.default_rng(0)
     items = {}

@@ -99,14 +99,42 @@ def _prepare_job(cfg_dict: dict, name: str, task: str | None) -> str:
     return str(pretrain_encoder(cfg, name) if task is None else adapt_encoder(cfg, name, task))
 
 
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES entries."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _pin_worker(counter, gpus: list[str]) -> None:
+    """Pool initializer: the k-th worker started sees only GPU k mod len(gpus) (before CUDA starts)."""
+    with counter.get_lock():
+        k = counter.value
+        counter.value += 1
+    if len(gpus) > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)]
+
+
+def process_pool(workers: int):
+    """A pool of spawned workers spread round-robin over the visible GPUs (one GPU each), so a sweep
+    on an N-GPU host runs about workers / N cells per GPU; on CPU or one GPU nothing is pinned."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("spawn")
+    return ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_pin_worker, initargs=(ctx.Value("i", 0), visible_gpus())
+    )
+
+
 def _in_pool(fn, jobs: list[tuple], workers: int) -> list:
     """fn(*job) for every job: in this process if workers <= 1, else in spawned processes."""
     if workers <= 1 or len(jobs) <= 1:
         return [fn(*job) for job in jobs]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+    with process_pool(min(workers, len(jobs))) as pool:
         return list(pool.map(fn, *zip(*jobs, strict=True)))
 
 
@@ -145,11 +173,17 @@ def run_suite(
     todo = {
         c: d for c, d in dirs.items() if not (d / ("summary.json" if evaluate else "done.json")).is_file()
     }
-    # seed-major order: a sweep stopped early leaves whole replicates of the grid, not whole encoders
-    todo = dict(sorted(todo.items(), key=lambda kv: cfg.seeds.index(kv[0].seed)))
+    # seed-major order: a sweep stopped early leaves whole replicates of the grid, not whole encoders;
+    # connector next, so cells that start together read different feature caches (the connector is
+    # the only factor the cache does not depend on) instead of building the same one twice
+    conns = cfg.sweep.connectors or [cfg.connector]
+    todo = dict(
+        sorted(todo.items(), key=lambda kv: (cfg.seeds.index(kv[0].seed), conns.index(kv[0].connector)))
+    )
     workers = min(workers or cfg.sweep.workers, len(todo)) if todo else 1
     if todo:
-        prepare(cfg, workers=min(workers, 4))  # encoder training is heavier than a cell
+        # encoder training is heavier than a cell: at most 4 jobs per GPU
+        prepare(cfg, workers=min(workers, 4 * max(1, len(visible_gpus()))))
     done = len(dirs) - len(todo)
     print(f"[suite] {len(dirs)} cells, {done} finished, {len(todo)} to run ({workers} at a time)")
     if workers <= 1:
@@ -158,10 +192,9 @@ def run_suite(
             if evaluate:  # the table grows as cells finish, so a stopped sweep still has one
                 write_sweep_csv(cfg, run_root)
     else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import as_completed
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        with process_pool(workers) as pool:
             jobs = {
                 pool.submit(_run_cell_job, cfg.to_dict(), tuple(c), str(d), evaluate): c
                 for c, d in todo.items()

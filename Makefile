@@ -42,6 +42,7 @@ figures: $(STAMP)
 	VLMLAB_FIGURES=$(CURDIR)/figures/$(SWEEP) $(BIN)/python -m vlmlab.run --preset $(SWEEP) --no-train \
 		--notebooks 05_localization_instability 06_findings
 	cp runs/$(SWEEP)/sweep.csv figures/$(SWEEP)/sweep.csv
+	$(BIN)/python data_prep/adapt_encoders.py --preset $(SWEEP) --table figures/$(SWEEP)/encoders.csv
 	VLMLAB_FIGURES=$(CURDIR)/figures/efficiency $(BIN)/python -m papermill -p bench_json \
 		$(CURDIR)/figures/bench/resolution-h100-bf16.json notebooks/07_efficiency.ipynb \
 		runs/bench/07_efficiency.ipynb --cwd notebooks

@@ -2,6 +2,8 @@
 
     python data_prep/adapt_encoders.py --preset toy-cpu [--encoders toy-vmamba toy-vit]
         [--tasks detection segmentation] [--force] [overrides...]
+    python data_prep/adapt_encoders.py --preset toy-gpu --table figures/toy-gpu/encoders.csv
+
 
 Starts from the matched-init checkpoints of data_prep/pretrain_encoders.py, trains backbone + a small
 head with the same recipe for every encoder, discards the head and writes
@@ -11,8 +13,9 @@ the toy dense metric. Finished encoders (same recipe, same start) are skipped.
 
 import argparse
 
-from vlmlab.adapt import TASKS, adapt_encoder, adapt_report
+from vlmlab.adapt import TASKS, adapt_encoder, adapt_report, encoder_table
 from vlmlab.config import load_preset
+from vlmlab.plots import write_csv
 
 
 def main() -> None:
@@ -21,10 +24,16 @@ def main() -> None:
     ap.add_argument("--encoders", nargs="*", default=None)
     ap.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument(
+        "--table", default=None, help="only write the encoders' toy top-1 / det / seg table to this CSV"
+    )
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     cfg = load_preset(a.preset, a.overrides)
     names = a.encoders or [e for e in cfg.encoders if e.startswith("toy-")]
+    if a.table:
+        print("wrote", write_csv(encoder_table(cfg, names), a.table))
+        return
     for task in a.tasks:
         for name in names:
             print("wrote", adapt_encoder(cfg, name, task, force=a.force))

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from vlmlab.adapt import adapt_encoder, adapt_report, detection_targets, segmentation_targets
+from vlmlab.adapt import adapt_encoder, adapt_report, detection_targets, encoder_table, segmentation_targets
 from vlmlab.config import load_preset
 from vlmlab.data.datasets import plan_for
 from vlmlab.data.toyworld import COLOUR_NAMES, COLOURS, SHAPES
@@ -81,6 +81,16 @@ def test_adaptation_trains_the_backbone_keeps_the_head_and_loads_strictly(cfg, t
     (r,) = adapt_report(cfg, ["toy-vit"], task)
     assert r["task"] == task and r["started_from"] == "toy-vit-32px.safetensors" and r["n_train"] > 0
     assert 0.0 <= r[r["metric"]] <= 1.0 and r["recipe"] == vars(cfg.pretrain)
+
+
+def test_encoder_table_reads_the_saved_reports(cfg):
+    adapt_encoder(cfg, "toy-vit", "detection", device="cpu")  # finished ones are skipped
+    (row,) = encoder_table(cfg, ["toy-vit"])
+    (det,) = adapt_report(cfg, ["toy-vit"], "detection")
+    assert row["encoder"] == "toy-vit" and row["toy_det_recall50"] == det["toy_det_recall50"]
+    assert 0.0 <= row["toy_top1"] <= 1.0 and row["params"] == det["params"]
+    seg = toy_encoder_weights(cfg, "toy-vit", "segmentation").with_suffix(".json")
+    assert (row["toy_seg_miou"] is None) == (not seg.is_file())
 
 
 def test_missing_classification_checkpoint_is_a_clear_error(cfg):

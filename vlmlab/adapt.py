@@ -277,3 +277,17 @@ def adapt_encoder(cfg: Config, name: str, task: str, device: str | None = None, 
 def adapt_report(cfg: Config, names: list[str], task: str) -> list[dict]:
     """The saved adaptation facts (toy dense metric etc.) of each encoder for `task`."""
     return [read_json(toy_encoder_weights(cfg, n, task).with_suffix(".json")) for n in names]
+
+
+def encoder_table(cfg: Config, names: list[str] | None = None) -> list[dict]:
+    """One row per toy encoder of the preset: its matched-init toy top-1 and, where the encoder was
+    adapted, the toy detection recall@0.5 and segmentation mIoU (from the saved reports)."""
+    rows = []
+    for name in names or [n for n in cfg.encoders if n.startswith("toy-")]:
+        base = read_json(toy_encoder_weights(cfg, name).with_suffix(".json"))
+        row = {k: base[k] for k in ("encoder", "family", "params", "toy_top1")}
+        for task, metric in HEADLINE.items():
+            report = toy_encoder_weights(cfg, name, task).with_suffix(".json")
+            row[metric] = read_json(report)[metric] if report.is_file() else None
+        rows.append(row)
+    return rows

@@ -4,7 +4,6 @@
         [--tasks detection segmentation] [--force] [overrides...]
     python data_prep/adapt_encoders.py --preset toy-gpu --table figures/toy-gpu/encoders.csv
 
-
 Starts from the matched-init checkpoints of data_prep/pretrain_encoders.py, trains backbone + a small
 head with the same recipe for every encoder, discards the head and writes
 data/encoders/<world>/<encoder>-<size>px-<task>.safetensors (official key layout) and a .json with

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import multiprocessing as mp
+import os
 
 import numpy as np
 import pytest
@@ -104,9 +106,6 @@ def _cell(**kw):
 
 
 def test_pool_workers_are_spread_round_robin_over_the_visible_gpus(monkeypatch):
-    import multiprocessing as mp
-    import os
-
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5")
     gpus = suite.visible_gpus()
     assert gpus == ["3", "5"]

@@ -176,7 +176,7 @@ def run_suite(
     # seed-major order: a sweep stopped early leaves whole replicates of the grid, not whole encoders;
     # connector next, so cells that start together read different feature caches (the connector is
     # the only factor the cache does not depend on) instead of building the same one twice
-    conns = cfg.sweep.connectors or [cfg.connector]
+    conns = list(dict.fromkeys(c.connector for c in dirs))  # the grid's connectors, in grid order
     todo = dict(
         sorted(todo.items(), key=lambda kv: (cfg.seeds.index(kv[0].seed), conns.index(kv[0].connector)))
     )
@@ -228,8 +228,6 @@ SWEEP_COLUMNS = [
 
 def sweep_rows(cfg: Config, run_root: str | Path | None = None) -> list[dict]:
     """One row per finished cell: its grid coordinates, encoder facts and scores."""
-    from vlmlab.analysis.instability import collapse_signals
-    from vlmlab.evaluate.harness import read_results
     from vlmlab.pretrain import pretrain_report
 
     facts = {}
@@ -244,7 +242,7 @@ def sweep_rows(cfg: Config, run_root: str | Path | None = None) -> list[dict]:
             continue
         summ = read_json(d / "summary.json")
         vqa, ref = summ["benchmarks"]["toy-vqa"], summ["benchmarks"]["toy-ref"]
-        sig = _cached_signals(d, collapse_signals, read_results)
+        sig = _cached_signals(d)
         f = facts[c.encoder]
         rows.append(
             {
@@ -272,8 +270,11 @@ def sweep_rows(cfg: Config, run_root: str | Path | None = None) -> list[dict]:
     return rows
 
 
-def _cached_signals(run_dir: Path, collapse_signals, read_results) -> dict:
+def _cached_signals(run_dir: Path) -> dict:
     """A finished run's collapse signals, computed once (the table is rewritten after every cell)."""
+    from vlmlab.analysis.instability import collapse_signals
+    from vlmlab.evaluate.harness import read_results
+
     cache, summary = run_dir / "collapse_signals.json", run_dir / "summary.json"
     stamp = summary.stat().st_mtime_ns
     if cache.is_file() and (hit := read_json(cache)).get("summary_mtime_ns") == stamp:

@@ -218,6 +218,22 @@ def test_cross_merge_inverts_cross_scan_on_non_square_maps():
 # ---- registry ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("tf32_conv", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear2d_on_channel_last_maps(monkeypatch, tf32_conv, bias):
+    # both branches of the fused path's projection (a 1x1 conv on a channels_last view, or a
+    # matrix product) are Linear2d on the NCHW map, returned channel-last and contiguous
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32_conv)
+    g = torch.Generator().manual_seed(0)
+    layer = V.Linear2d(6, 5, bias=bias)
+    x = torch.randn(2, 6, 3, 4, generator=g)
+    with torch.no_grad():
+        got = V.linear2d_cl(x.permute(0, 2, 3, 1).contiguous(), layer.weight, layer.bias)
+        ref = layer(x).permute(0, 2, 3, 1)
+    assert got.shape == (2, 3, 4, 5) and got.is_contiguous()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_all_variants_are_registered():
     assert set(REGISTERED) <= set(list_encoders())
 

@@ -2,11 +2,17 @@
 
 Both the full classifier forward (how VMamba and Swin report throughput) and the tapped encoder
 forward (what the VLM runs) are timed; ratios are only meaningful within one run and one device.
+
+Precisions: `fp32` is PyTorch's default fp32 (matrix products in IEEE fp32, cuDNN convolutions
+allowed TF32: the setting the official VMamba and Swin throughput numbers were taken under; it
+matters because VMamba's 1x1 projections are convolutions and Swin's are nn.Linear),
+`fp32-strict` turns TF32 off for convolutions too, `bf16` is autocast to bfloat16.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -29,18 +35,34 @@ GPU_DEFAULT = [
 CPU_DEFAULT = ["vmamba-t", "mambavision-t", "swin-t", "vit-s", "maxvit-t"]
 
 
+DTYPES = ("fp32", "fp32-strict", "bf16")
+
+
+@contextlib.contextmanager
+def _conv_tf32(allow: bool):
+    """cuDNN convolutions may use TF32 (PyTorch's default) or not, within the block."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = old and allow
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
 def encoder_rows(names, batch, img, dtypes, device, repeats, modes=("full", "tap")) -> list[dict]:
     rows = []
     for name in names:
         enc = create_encoder(name, img_size=img).eval().to(device)
         x = torch.randn(batch, 3, img, img, device=device)
         for dtype in dtypes:
+            if dtype not in DTYPES:
+                raise ValueError(f"unknown dtype {dtype!r}; choose from {DTYPES}")
             amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
             for mode in modes:
                 fn = enc.model if mode == "full" else enc
 
-                def run(fn=fn, x=x, amp=amp):
-                    with torch.no_grad(), amp:
+                def run(fn=fn, x=x, amp=amp, dtype=dtype):
+                    with torch.no_grad(), amp, _conv_tf32(dtype != "fp32-strict"):
                         return fn(x)
 
                 try:
@@ -56,6 +78,7 @@ def encoder_rows(names, batch, img, dtypes, device, repeats, modes=("full", "tap
                         "params_M": enc.spec.params / 1e6,
                         "mode": mode,
                         "dtype": dtype,
+                        "conv_tf32": dtype == "fp32" and torch.backends.cudnn.allow_tf32,
                         "batch": batch,
                         "img": img,
                         "ms": ms,
@@ -85,7 +108,7 @@ def encoder_rows(names, batch, img, dtypes, device, repeats, modes=("full", "tap
         (("--names",), {"nargs": "*", "default": None, "help": "encoder names (default: a GPU or CPU set)"}),
         (("--batch",), {"type": int, "default": None, "help": "default 128 on GPU, 8 on CPU"}),
         (("--img",), {"type": int, "default": 224}),
-        (("--dtypes",), {"nargs": "*", "default": None, "help": "fp32 and/or bf16 (default: both on GPU)"}),
+        (("--dtypes",), {"nargs": "*", "default": None, "help": "of fp32 fp32-strict bf16"}),
         (("--repeats",), {"type": int, "default": 5}),
     ],
 )
@@ -94,8 +117,8 @@ def bench_encoders(args: argparse.Namespace) -> list[dict]:
     gpu = device.type == "cuda"
     if gpu:
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
+        torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default, whatever the caller set
     names = args.names or (GPU_DEFAULT if gpu else CPU_DEFAULT)
     batch = args.batch or (128 if gpu else 8)
-    dtypes = args.dtypes or (["fp32", "bf16"] if gpu else ["fp32"])
+    dtypes = args.dtypes or (list(DTYPES) if gpu else ["fp32"])
     return encoder_rows(names, batch, args.img, dtypes, device, args.repeats)

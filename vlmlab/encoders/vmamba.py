@@ -30,8 +30,12 @@ Speed: in inference on CUDA (no autograd graph needed, eval mode) each VSS block
 channel-last copy of the map with Triton kernels (vlmlab/ops/cross_scan_triton.py): one kernel
 for the depthwise conv + SiLU, one for the four scan directions read straight from the map (no
 cross_scan / cross_merge copies, dt projection inside), one for the merge + out_norm; the 1x1
-projections become plain matrix products. Maps between blocks are then channels_last tensors.
-Same math as the reference path (fp32 rounding apart); training and CPU use the reference path.
+projections run at the precision of the official layer, a 1x1 convolution (`Linear2d`): in fp32
+PyTorch lets cuDNN convolutions use TF32 by default (`torch.backends.cudnn.allow_tf32`) where
+nn.Linear's matrix products stay IEEE fp32, so there they stay cuDNN convolutions on channels_last
+views (no copies); in IEEE fp32 or under autocast, where both compute alike, they are plain matrix
+products (measured faster there). Maps between blocks are then channels_last tensors. Same math as
+the reference path (rounding apart); training and CPU use the reference path.
 Set VLMLAB_VMAMBA_FUSED=0 to run the reference path everywhere (timing comparisons).
 """
 
@@ -135,6 +139,20 @@ class Linear2d(nn.Linear):
         if w is not None and w.dim() == 4 and w.numel() == self.weight.numel():
             state_dict[prefix + "weight"] = w.reshape(self.weight.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def linear2d_cl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`Linear2d` on a channel-last map (B, H, W, C) -> (B, H, W, O), contiguous, at its precision.
+
+    fp32 where cuDNN may use TF32 (PyTorch's default): the official layer's cuDNN 1x1 convolution,
+    on a channels_last view of the map (no copy in or out). Otherwise a matrix product, which then
+    computes at the convolution's precision (IEEE fp32, or the autocast dtype) and runs faster.
+    """
+    tf32_conv = torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    if tf32_conv and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+        y = F.conv2d(x.permute(0, 3, 1, 2), weight[:, :, None, None], bias)
+        return y.permute(0, 2, 3, 1).contiguous()  # channels_last output: already contiguous
+    return F.linear(x, weight, bias)
 
 
 class Mlp(nn.Module):
@@ -286,7 +304,7 @@ class SS2D(nn.Module):
         ops = _fused_ops()
         b, h, w, _ = x.shape
         d = self.d_inner
-        z = F.linear(x, self.in_proj.weight)  # (B, H, W, D)
+        z = linear2d_cl(x, self.in_proj.weight)  # (B, H, W, D)
         silu = isinstance(self.act, nn.SiLU)
         if hasattr(self, "conv2d"):
             z = ops.dwconv_act(z, self.conv2d.weight, self.conv2d.bias, "silu" if silu else None)
@@ -294,12 +312,13 @@ class SS2D(nn.Module):
             z = F.silu(z)
         if not silu:
             z = self.act(z)
-        # x_proj of each direction is per position: one product over the row-major map serves all 4
-        x_dbl = F.linear(z.view(-1, d), self.x_proj_weight.view(-1, d))  # (B*H*W, 4 * (R + 2N))
+        # x_proj of each direction is per position (official: a grouped 1x1 conv1d per direction):
+        # one 1x1 convolution over the row-major map serves all 4
+        x_dbl = linear2d_cl(z, self.x_proj_weight.view(-1, d)).view(b * h * w, -1)  # (BHW, 4(R+2N))
         ys = ops.cross_scan_fused(z, x_dbl, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds)
         n = self.out_norm
         y = ops.merge_layernorm(ys, n.weight, n.bias, n.eps, out_dtype=_matmul_dtype(ys))
-        return self.dropout(F.linear(y, self.out_proj.weight).view(b, h, w, -1))
+        return self.dropout(linear2d_cl(y.view(b, h, w, d), self.out_proj.weight))
 
 
 class VSSBlock(nn.Module):
@@ -382,8 +401,8 @@ class VSSBlock(nn.Module):
             h2 = ops.layer_norm(x, n2.weight, n2.bias, n2.eps, out_dtype=_matmul_dtype(x))[0]
         if self.mlp_branch:
             mlp = self.mlp
-            hidden = mlp.act(F.linear(h2, mlp.fc1.weight, mlp.fc1.bias))
-            x = x + F.linear(hidden, mlp.fc2.weight, mlp.fc2.bias).view(b, h, w, c)
+            hidden = mlp.act(linear2d_cl(h2.view(b, h, w, c), mlp.fc1.weight, mlp.fc1.bias))
+            x = x + linear2d_cl(hidden, mlp.fc2.weight, mlp.fc2.bias)
         return x.permute(0, 3, 1, 2)
 
 

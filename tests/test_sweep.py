@@ -4,6 +4,7 @@ import csv
 import json
 import multiprocessing as mp
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -117,6 +118,19 @@ def test_pool_workers_are_spread_round_robin_over_the_visible_gpus(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: nothing is pinned
     suite._pin_worker(counter, suite.visible_gpus())
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_gpu_worker_cap_fits_cells_into_the_smallest_card(monkeypatch):
+    import torch
+
+    cards = [SimpleNamespace(total_memory=80 * 2**30), SimpleNamespace(total_memory=141 * 2**30)]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: cards[i])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert suite.gpu_worker_cap(7.5) == 2 * 10  # 80 GiB holds 10 cells of 7.5 GiB
+    assert suite.gpu_worker_cap(100.0) == 2  # at least one cell per card
+    assert suite.gpu_worker_cap(None) is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert suite.gpu_worker_cap(7.5) is None  # no GPU: the workers share the CPU
 
 
 def test_paired_effect_pairs_cells_differing_in_one_factor_only():

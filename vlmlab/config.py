@@ -110,13 +110,15 @@ class SweepConfig:
 
     Empty lists mean "just the preset's own value" (`init`, `connector`, `policy`), so a preset
     without a `sweep:` block runs encoders x seeds only. `workers` trains/evaluates that many cells at
-    once (processes; on one GPU they share it).
+    once (processes; on one GPU they share it). `cell_gpu_gib`, the GPU memory one cell may take at
+    its peak, caps them at what the visible cards hold (None: no cap).
     """
 
     inits: list[str] = field(default_factory=list)
     connectors: list[str] = field(default_factory=list)
     policies: list[str | None] = field(default_factory=list)
     workers: int = 1
+    cell_gpu_gib: float | None = None
 
 
 @dataclass

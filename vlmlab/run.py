@@ -118,6 +118,18 @@ def _pin_worker(counter, gpus: list[str]) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)]
 
 
+def gpu_worker_cap(cell_gpu_gib: float | None) -> int | None:
+    """How many cells the visible GPUs hold at once if each may take `cell_gpu_gib` GiB at its peak
+    (cards of a host alike: the smallest counts); None without a GPU or an estimate."""
+    gpus = visible_gpus() if cell_gpu_gib else []
+    if not gpus:
+        return None
+    import torch
+
+    gib = min(torch.cuda.get_device_properties(i).total_memory for i in range(len(gpus))) / 2**30
+    return len(gpus) * max(1, int(gib // cell_gpu_gib))
+
+
 def process_pool(workers: int):
     """A pool of spawned workers spread round-robin over the visible GPUs (one GPU each), so a sweep
     on an N-GPU host runs about workers / N cells per GPU; on CPU or one GPU nothing is pinned."""
@@ -181,6 +193,10 @@ def run_suite(
         sorted(todo.items(), key=lambda kv: (cfg.seeds.index(kv[0].seed), conns.index(kv[0].connector)))
     )
     workers = min(workers or cfg.sweep.workers, len(todo)) if todo else 1
+    cap = gpu_worker_cap(cfg.sweep.cell_gpu_gib)
+    if cap is not None and workers > cap:  # more would run the cards out of memory mid-sweep
+        print(f"[suite] {workers} workers would not fit the GPUs' memory: running {cap}")
+        workers = cap
     if todo:
         # encoder training is heavier than a cell: at most 4 jobs per GPU
         prepare(cfg, workers=min(workers, 4 * max(1, len(visible_gpus()))))

@@ -4,6 +4,7 @@ import csv
 import json
 import multiprocessing as mp
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -93,6 +94,32 @@ def test_run_suite_skips_finished_cells_and_writes_the_table(tmp_path, monkeypat
     ran.clear()
     suite.run_suite(cfg, tmp_path)  # everything finished: nothing runs again
     assert ran == []
+
+
+def test_a_failed_cell_does_not_stop_the_others(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    cfg = _grid_cfg(inits=["classification"], connectors=["gelu-mlp"], policies=["letterbox-center"])
+    cfg.sweep.workers = 2
+    dirs = suite.run_dirs(cfg, tmp_path)
+    bad = next(iter(dirs))
+
+    def fake_job(cfg_dict, cell, d, evaluate):
+        if suite.Cell(*cell) == bad:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        _fake_summary(Path(d), [1, 0], [1, 0])
+        return d
+
+    monkeypatch.setattr(suite, "_run_cell_job", fake_job)
+    monkeypatch.setattr(suite, "process_pool", lambda n: ThreadPoolExecutor(n))
+    monkeypatch.setattr(suite, "prepare", lambda cfg_, **kw: None)
+    with pytest.raises(RuntimeError, match=f"1 of {len(dirs)} cells failed") as info:
+        suite.run_suite(cfg, tmp_path)
+    assert str(dirs[bad]) in str(info.value) and "OutOfMemoryError" in str(info.value)
+    with open(tmp_path / "sweep.csv") as f:  # every other cell finished and is in the table
+        assert {r["run"] for r in csv.DictReader(f)} == {d.name for c, d in dirs.items() if c != bad}
 
 
 def _cell(**kw):

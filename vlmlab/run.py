@@ -202,6 +202,7 @@ def run_suite(
         prepare(cfg, workers=min(workers, 4 * max(1, len(visible_gpus()))))
     done = len(dirs) - len(todo)
     print(f"[suite] {len(dirs)} cells, {done} finished, {len(todo)} to run ({workers} at a time)")
+    failed: list[tuple[Cell, BaseException]] = []  # pool cells that raised: the others still run
     if workers <= 1:
         for c, d in todo.items():
             run_cell(cfg, c, d, evaluate)
@@ -216,12 +217,23 @@ def run_suite(
                 for c, d in todo.items()
             }
             for i, job in enumerate(as_completed(jobs), 1):
-                job.result()  # a failed cell raises here, naming its run dir in the traceback
-                print(f"[suite] {i}/{len(todo)} {jobs[job].label()} s{jobs[job].seed}", flush=True)
+                c = jobs[job]
+                if (err := job.exception()) is not None:
+                    failed.append((c, err))
+                    print(
+                        f"[suite] {i}/{len(todo)} FAILED {todo[c]}: {type(err).__name__}: {err}", flush=True
+                    )
+                    continue
+                print(f"[suite] {i}/{len(todo)} {c.label()} s{c.seed}", flush=True)
                 if evaluate:
                     write_sweep_csv(cfg, run_root)
     if evaluate:
         write_sweep_csv(cfg, run_root)
+    if failed:
+        names = "\n".join(f"  {todo[c]}: {e!r}" for c, e in failed[:20])
+        raise RuntimeError(
+            f"{len(failed)} of {len(todo)} cells failed (rerunning retries just those):\n{names}"
+        ) from failed[0][1]
     return dirs
 
 

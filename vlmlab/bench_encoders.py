@@ -4,9 +4,9 @@ Both the full classifier forward (how VMamba and Swin report throughput) and the
 forward (what the VLM runs) are timed; ratios are only meaningful within one run and one device.
 
 Precisions: `fp32` is PyTorch's default fp32 (matrix products in IEEE fp32, cuDNN convolutions
-allowed TF32: the setting the official VMamba and Swin throughput numbers were taken under; it
-matters because VMamba's 1x1 projections are convolutions and Swin's are nn.Linear),
-`fp32-strict` turns TF32 off for convolutions too, `bf16` is autocast to bfloat16.
+allowed TF32; the official throughput function leaves these defaults alone; it matters because
+VMamba's 1x1 projections are convolutions and Swin's are nn.Linear), `fp32-strict` turns TF32 off
+for convolutions too, `bf16` is autocast to bfloat16.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def encoder_rows(names, batch, img, dtypes, device, repeats, modes=("full", "tap
         (("--names",), {"nargs": "*", "default": None, "help": "encoder names (default: a GPU or CPU set)"}),
         (("--batch",), {"type": int, "default": None, "help": "default 128 on GPU, 8 on CPU"}),
         (("--img",), {"type": int, "default": 224}),
-        (("--dtypes",), {"nargs": "*", "default": None, "help": "of fp32 fp32-strict bf16"}),
+        (("--dtypes",), {"nargs": "*", "default": None, "help": "fp32, fp32-strict, bf16 (GPU: all)"}),
         (("--repeats",), {"type": int, "default": 5}),
     ],
 )

@@ -123,6 +123,41 @@ def test_batched_generation_equals_batch_of_one(tok):
     assert all(len(g) <= 12 for g in batched)
 
 
+def test_greedy_generate_stops_each_row_at_its_own_eos():
+    # a scripted LLM: at step t row b's argmax is script[b][t]; EOS is 0
+    from types import SimpleNamespace
+
+    script = [[5, 6, 0, 7, 7], [8, 0, 9, 9, 9], [4, 4, 4, 4, 4]]
+    calls = []
+
+    def llm(**kw):
+        t = len(calls)
+        calls.append(kw)
+        logits = torch.zeros(3, 1, 10)
+        for b, row in enumerate(script):
+            logits[b, 0, row[t]] = 1.0
+        return SimpleNamespace(logits=logits)
+
+    llm.forward = lambda cache=None, **kw: None  # what `_cache_kwarg` inspects
+    model = SimpleNamespace(
+        llm=llm,
+        assemble=lambda ids, vision, padding_side: (
+            torch.zeros(3, 2, 4),
+            torch.ones(3, 2, dtype=torch.long),
+            torch.arange(2).expand(3, 2),
+            None,
+        ),
+    )
+    got = greedy_generate(model, [[1], [1], [1]], torch.zeros(3, 1, 4), eos_id=0, max_new_tokens=4)
+    assert got == [[5, 6], [8], [4, 4, 4, 4]]  # tokens before each row's first EOS; row 2 runs out
+    assert len(calls) == 4  # the prompt + 3 steps: the 4th token ends the budget, no 5th call
+    calls.clear()
+    script[2] = [4, 4, 0, 4, 4]
+    assert greedy_generate(model, [[1]] * 3, torch.zeros(3, 1, 4), eos_id=0, max_new_tokens=4)[2] == [4, 4]
+    assert len(calls) == 3  # every row has ended after step 3: no further call
+    assert greedy_generate(model, [[1]] * 3, torch.zeros(3, 1, 4), eos_id=0, max_new_tokens=0) == [[]] * 3
+
+
 def test_cut_at_stop_and_format_box():
     assert cut_at_stop("red</s>blue") == "red"
     assert cut_at_stop(" yes USER: more") == "yes"

@@ -33,22 +33,22 @@ def greedy_generate(
     ck = _cache_kwarg(llm)
     out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, **{ck: cache})
     B = len(ids)
-    generated: list[list[int]] = [[] for _ in range(B)]
+    steps = []  # the tokens stay on the device: one host sync per step (`finished.all()`), one copy
     finished = torch.zeros(B, dtype=torch.bool, device=embeds.device)
     next_pos = pos[:, -1:] + 1
     for _ in range(max_new_tokens):
         nxt = out.logits[:, -1].float().argmax(-1)
+        steps.append(nxt)
         finished |= nxt == eos_id
-        for b in (~finished).nonzero().flatten().tolist():
-            generated[b].append(int(nxt[b]))
-        if bool(finished.all()):
+        if len(steps) == max_new_tokens or bool(finished.all()):  # no forward whose token goes unused
             break
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         out = llm(
             input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True, **{ck: cache}
         )
         next_pos = next_pos + 1
-    return generated
+    rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(B)]
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]  # up to the first EOS
 
 
 @torch.no_grad()

@@ -152,6 +152,7 @@ def test_gpu_worker_cap_fits_cells_into_the_smallest_card(monkeypatch):
 
     cards = [SimpleNamespace(total_memory=80 * 2**30), SimpleNamespace(total_memory=141 * 2**30)]
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: cards[i])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     assert suite.gpu_worker_cap(7.5) == 2 * 10  # 80 GiB holds 10 cells of 7.5 GiB
     assert suite.gpu_worker_cap(100.0) == 2  # at least one cell per card

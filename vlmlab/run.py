@@ -122,10 +122,10 @@ def gpu_worker_cap(cell_gpu_gib: float | None) -> int | None:
     """How many cells the visible GPUs hold at once if each may take `cell_gpu_gib` GiB at its peak
     (cards of a host alike: the smallest counts); None without a GPU or an estimate."""
     gpus = visible_gpus() if cell_gpu_gib else []
-    if not gpus:
-        return None
     import torch
 
+    if not gpus or not torch.cuda.is_available():
+        return None
     gib = min(torch.cuda.get_device_properties(i).total_memory for i in range(len(gpus))) / 2**30
     return len(gpus) * max(1, int(gib // cell_gpu_gib))
 

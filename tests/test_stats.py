@@ -160,3 +160,17 @@ def test_search_loc_share_finds_only_ad_hoc_mixtures(released_rows):
     # The one match that evaluates every benchmark: full sets, except GQA at its slim size.
     complete = [f for f in found if len(f) == len(options)]
     assert complete == [{**all_full, "gqa": 1024}]
+
+
+def test_spearman_ranks_with_ties_and_refuses_unpaired_input():
+    assert S.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert S.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert S.spearman([1, 2, 3, 4], [1, 4, 9, 16]) == pytest.approx(1.0)  # monotone, not linear
+    # ties take their mean rank: x ranks [0, 1.5, 1.5, 3] against y ranks [0, 1, 2, 3]
+    assert S.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(
+        np.corrcoef([0, 1.5, 1.5, 3], [0, 1, 2, 3])[0, 1]
+    )
+    assert math.isnan(S.spearman([1, 2], [1, 2]))  # too few pairs
+    assert math.isnan(S.spearman([1, 1, 1], [1, 2, 3]))  # a constant side has no ranking
+    with pytest.raises(ValueError, match="pairs"):
+        S.spearman([1, 2, 3], [1, 2])

@@ -194,3 +194,34 @@ def test_constant_box_reference_brackets_the_collapse_thresholds():
     gt = np.random.default_rng(0).uniform(0, 1, (500, 4))
     ref = sweep.constant_box_reference(gt)
     assert ref["gt_near_constant_share"] < 0.05 and ref["mean_box_near_constant_share"] == 1.0
+
+
+def test_grid_agreement_compares_only_shared_cells():
+    def row(enc, seed, vqa, acc, init="classification"):
+        return {
+            "encoder": enc,
+            "init": init,
+            "connector": "gelu-mlp",
+            "policy": "letterbox-center",
+            "seed": seed,
+            "vqa_accuracy": vqa,
+            "grounding_acc50": acc,
+        }
+
+    a = [row("e1", 7, 0.1, 0.0), row("e2", 7, 0.2, 0.3), row("e3", 7, 0.3, 0.1), row("e3", 8, 0.9, 0.9)]
+    b = [
+        row("e1", "7", 0.15, 0.2),
+        row("e2", "7", 0.25, 0.1),
+        row("e3", "7", 0.35, 0.0),
+        row("e4", "7", 0.5, 0.5),
+    ]  # e4 and e3/seed 8 are in one grid only; seeds read as text or int
+    per_encoder, summary = sweep.grid_agreement(a, b, ["vqa_accuracy", "grounding_acc50"])
+    assert summary["shared_cells"] == 3 and [r["encoder"] for r in per_encoder] == ["e1", "e2", "e3"]
+    assert per_encoder[2]["vqa_accuracy_a"] == pytest.approx(0.3)  # seed 8's 0.9 is not shared
+    assert summary["vqa_accuracy"]["spearman_encoder_means"] == pytest.approx(1.0)
+    assert summary["vqa_accuracy"]["mean_b"] == pytest.approx(0.25)
+    assert summary["grounding_acc50"]["spearman_cells"] == pytest.approx(-0.5)
+    _, only8 = sweep.grid_agreement(a, a, ["vqa_accuracy"], seeds=[8])
+    assert only8["shared_cells"] == 1
+    with pytest.raises(ValueError, match="share no"):
+        sweep.grid_agreement(a, b, ["vqa_accuracy"], seeds=[9])

@@ -116,3 +116,88 @@ def constant_box_reference(gt_boxes: np.ndarray, thr: float = 0.05) -> dict:
         "mean_box_near_constant_share": 1.0,
         "mean_box_std_ratio": 0.0,
     }
+
+
+GRID_KEYS = ("encoder", "init", "connector", "policy", "seed")
+
+
+def grid_agreement(
+    a_rows: Iterable[Mapping],
+    b_rows: Iterable[Mapping],
+    metrics: Iterable[str],
+    seeds: Iterable | None = None,
+) -> tuple[list[dict], dict]:
+    """How well a second run of a grid (e.g. with its own encoder pretraining) reproduces the first.
+
+    Rows are sweep.csv rows. Only cells finished in both grids count (and, given `seeds`, only those
+    seeds, so that both sides average over the same cells). Returns one row per encoder (each metric's
+    mean over its shared cells in a and in b) and a summary: the number of shared cells, and per metric
+    the Spearman correlation over cells and over the encoders' means (does the encoder ranking
+    replicate?), with both grids' overall means.
+    """
+    keep = None if seeds is None else {str(s) for s in seeds}
+    index = [{tuple(str(r[k]) for k in GRID_KEYS): r for r in rows} for rows in (a_rows, b_rows)]
+    shared = sorted(k for k in index[0].keys() & index[1].keys() if keep is None or k[4] in keep)
+    if not shared:
+        raise ValueError("the two grids share no finished cell")
+    metrics = list(metrics)
+    encoders = list(dict.fromkeys(k[0] for k in shared))
+    per_encoder, summary = [], {"shared_cells": len(shared), "encoders": len(encoders)}
+    for e in encoders:
+        row = {"encoder": e, "cells": sum(k[0] == e for k in shared)}
+        for m in metrics:
+            for side, idx in (("a", index[0]), ("b", index[1])):
+                row[f"{m}_{side}"] = float(np.mean([float(idx[k][m]) for k in shared if k[0] == e]))
+        per_encoder.append(row)
+    for m in metrics:
+        a = [float(index[0][k][m]) for k in shared]
+        b = [float(index[1][k][m]) for k in shared]
+        summary[m] = {
+            "mean_a": float(np.mean(a)),
+            "mean_b": float(np.mean(b)),
+            "spearman_cells": stats.spearman(a, b),
+            "spearman_encoder_means": stats.spearman(
+                [r[f"{m}_a"] for r in per_encoder], [r[f"{m}_b"] for r in per_encoder]
+            ),
+        }
+    return per_encoder, summary
+
+
+def _read_csv(path: str | Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = [k for k in GRID_KEYS if rows and k not in rows[0]]
+    if not rows or missing:
+        raise ValueError(f"{path}: not a sweep table (no rows, or missing columns {missing})")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    from vlmlab.io import atomic_write_json
+    from vlmlab.plots import write_csv
+
+    ap = argparse.ArgumentParser(
+        description="Compare two sweep tables cell by cell: does the second grid reproduce the first?"
+    )
+    ap.add_argument("a", help="sweep.csv of the first grid")
+    ap.add_argument("b", help="sweep.csv of the second grid")
+    ap.add_argument("--metrics", nargs="+", default=["vqa_accuracy", "grounding_acc50"])
+    ap.add_argument("--seeds", nargs="*", default=None, help="only these seeds (default: every shared cell)")
+    ap.add_argument("--out", default=None, help="write <out>.csv (per encoder) and <out>.json (summary)")
+    a = ap.parse_args(argv)
+    per_encoder, summary = grid_agreement(_read_csv(a.a), _read_csv(a.b), a.metrics, a.seeds)
+    summary.update({"a": a.a, "b": a.b, "seeds": a.seeds})
+    print(json.dumps(summary, indent=1))
+    if a.out:
+        write_csv(per_encoder, f"{a.out}.csv")
+        atomic_write_json(f"{a.out}.json", summary)
+        print(f"wrote {a.out}.csv and {a.out}.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -213,3 +213,26 @@ def search_loc_share(
         if n_loc and total > n_loc and lo <= n_loc / total <= hi:
             found.append(sizes)
     return found
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties get their average rank); nan with fewer than 3 pairs or a
+    constant side."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) != len(y):
+        raise ValueError(f"spearman needs pairs: got {len(x)} and {len(y)} values")
+    if len(x) < 3:
+        return float("nan")
+
+    def ranks(v: np.ndarray) -> np.ndarray:
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=float)
+        for u in np.unique(v):  # ties: the mean of their ranks
+            r[v == u] = r[v == u].mean()
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])

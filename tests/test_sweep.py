@@ -225,3 +225,20 @@ def test_grid_agreement_compares_only_shared_cells():
     assert only8["shared_cells"] == 1
     with pytest.raises(ValueError, match="share no"):
         sweep.grid_agreement(a, b, ["vqa_accuracy"], seeds=[9])
+
+
+def test_bench_cells_reports_aggregate_rates(tmp_path, monkeypatch):
+    """`python -m vlmlab.bench cells` on the CPU: two processes per workload, one row each."""
+    from vlmlab import bench
+
+    monkeypatch.setenv("VLMLAB_RUNS", str(tmp_path))
+    argv = ["cells", "--preset", "smoke", "--procs", "2", "--seconds", "0.5", "--device", "cpu"]
+    bench.main([*argv, "--modes", "train", "train-hf-norm", "eval-4", "--text-tokens", "20", "40"])
+    (path,) = (tmp_path / "bench").glob("cells-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["workload"] for r in rows] == ["train", "train-hf-norm", "eval-4"]
+    assert all(r["procs"] == 2 and r["per_proc"] > 0 for r in rows)
+    assert rows[0]["samples_per_s"] == pytest.approx(2 * rows[0]["per_proc"], rel=0.01)
+    assert rows[2]["items_per_s"] > 0
+    with pytest.raises(ValueError, match="unknown workload"):
+        bench.main([*argv, "--modes", "infer"])

@@ -279,7 +279,13 @@ def bench_scan(args: argparse.Namespace) -> list[dict]:
 
 
 # benchmarks that live in their own modules register themselves on import
-PLUGINS = ("vlmlab.bench_encoders", "vlmlab.bench_train", "vlmlab.bench_eval", "vlmlab.bench_resolution")
+PLUGINS = (
+    "vlmlab.bench_encoders",
+    "vlmlab.bench_train",
+    "vlmlab.bench_eval",
+    "vlmlab.bench_resolution",
+    "vlmlab.bench_cells",
+)
 
 
 def _load_plugins() -> None:

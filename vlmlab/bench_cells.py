@@ -19,6 +19,7 @@ Numbers are printed and saved by the caller, never asserted.
 from __future__ import annotations
 
 import argparse
+import queue
 import time
 
 import torch
@@ -137,12 +138,15 @@ def bench_cells(args: argparse.Namespace) -> list[dict]:
         ]
         for p in procs:
             p.start()
-        try:
-            rates = [results.get(timeout=args.seconds + 900) for _ in procs]
-        except Exception as e:  # queue.Empty: a process failed (its traceback is on stderr)
-            for p in procs:
-                p.terminate()
-            raise RuntimeError(f"bench cells: a {mode} process failed; see its error above") from e
+        rates: list[float] = []
+        while len(rates) < len(procs):
+            try:
+                rates.append(results.get(timeout=5))
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):  # one died: its traceback is above
+                    for p in procs:
+                        p.terminate()
+                    raise RuntimeError(f"bench cells: a {mode} process failed; see its error above") from None
         for p in procs:
             p.join()
         unit = "samples_per_s" if mode.startswith("train") else "items_per_s"

@@ -62,9 +62,11 @@ def _fake_summary(d, vqa, ref):
             {
                 "benchmarks": {"toy-vqa": bench(vqa), "toy-ref": bench(ref)},
                 "baselines": {"vqa_majority": 0.3, "grounding_mean_box": 0.01},
+                "eval_seconds": 2.5,
             }
         )
     )
+    (d / "done.json").write_text(json.dumps({"steps": 3, "loop_seconds": 7.25}))
 
 
 def test_run_suite_skips_finished_cells_and_writes_the_table(tmp_path, monkeypatch):
@@ -91,6 +93,7 @@ def test_run_suite_skips_finished_cells_and_writes_the_table(tmp_path, monkeypat
     assert len(table) == len(dirs) and set(table[0]) == set(suite.SWEEP_COLUMNS)
     row = next(r for r in table if r["run"] == dirs[first].name)
     assert float(row["grounding_acc50"]) == 1.0 and row["connector"] == first.connector
+    assert float(row["train_loop_s"]) == 7.25 and float(row["eval_s"]) == 2.5  # where the time went
     ran.clear()
     suite.run_suite(cfg, tmp_path)  # everything finished: nothing runs again
     assert ran == []

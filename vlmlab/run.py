@@ -253,6 +253,7 @@ SWEEP_COLUMNS = [
     "encoder", "family", "params", "toy_top1", "init", "connector", "policy", "seed",
     "vqa_accuracy", "grounding_acc50", "invalid_box_rate", "near_constant_share", "pred_box_std",
     "gt_box_std", "n_vqa", "n_ref", "vqa_majority", "grounding_mean_box", "run",
+    "train_loop_s", "eval_s",
 ]  # fmt: skip
 
 
@@ -274,6 +275,7 @@ def sweep_rows(cfg: Config, run_root: str | Path | None = None) -> list[dict]:
         vqa, ref = summ["benchmarks"]["toy-vqa"], summ["benchmarks"]["toy-ref"]
         sig = _cached_signals(d)
         f = facts[c.encoder]
+        done = read_json(d / "done.json") if (d / "done.json").is_file() else {}
         rows.append(
             {
                 "encoder": c.encoder,
@@ -295,6 +297,9 @@ def sweep_rows(cfg: Config, run_root: str | Path | None = None) -> list[dict]:
                 "vqa_majority": summ["baselines"]["vqa_majority"],
                 "grounding_mean_box": summ["baselines"]["grounding_mean_box"],
                 "run": d.name,
+                # where a cell's time goes (wall seconds of its last training / evaluation process)
+                "train_loop_s": done.get("loop_seconds", ""),
+                "eval_s": summ.get("eval_seconds", ""),
             }
         )
     return rows

@@ -9,6 +9,7 @@ and that transform is stored with every grounding item. Summaries are derived fr
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -123,6 +124,7 @@ def evaluate_run(
     device: str | None = None,
 ) -> dict:
     """Generates and scores every benchmark item of a run; writes results/*.jsonl and summary.json."""
+    t0 = time.perf_counter()
     run_dir = Path(run_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, model, tok, enc, weights, root = load_run_model(run_dir, device)
@@ -186,6 +188,7 @@ def evaluate_run(
         rows = read_results(out_path)
         summary["benchmarks"][name] = summarize(bench, rows, expected=len(items))
     summary["baselines"] = baselines(cfg, root, enc, benchmarks, limit)
+    summary["eval_seconds"] = round(time.perf_counter() - t0, 1)  # this call's wall time (a resume's own)
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
 

@@ -174,3 +174,24 @@ def test_spearman_ranks_with_ties_and_refuses_unpaired_input():
     assert math.isnan(S.spearman([1, 1, 1], [1, 2, 3]))  # a constant side has no ranking
     with pytest.raises(ValueError, match="pairs"):
         S.spearman([1, 2, 3], [1, 2])
+
+
+def test_spearman_test_exact_and_monte_carlo_p_values_and_a_bootstrap_interval():
+    # n = 5, a perfect ranking: exactly 2 of the 120 orders reach |rho| = 1
+    t = S.spearman_test([1, 2, 3, 4, 5], [2, 4, 6, 8, 10])
+    assert t.rho == pytest.approx(1.0) and t.n == 5
+    assert t.p == pytest.approx(2 / 120)
+    assert t.lo <= t.rho <= t.hi == pytest.approx(1.0)
+    # n = 10 goes to random orders: close to the exact 2 / 10! floor, never 0
+    t10 = S.spearman_test(range(10), range(10), n_perm=2000)
+    assert 0 < t10.p <= 3 / 2001
+    # no association: a large p, and an interval that straddles 0
+    x = [0.3, 0.9, 0.1, 0.5, 0.7, 0.2, 0.8, 0.4]
+    y = [0.5, 0.2, 0.6, 0.9, 0.1, 0.3, 0.4, 0.8]
+    t0 = S.spearman_test(x, y)
+    assert t0.rho == pytest.approx(S.spearman(x, y))
+    assert t0.p > 0.2 and t0.lo < 0 < t0.hi
+    assert S.spearman_test(x, y) == t0  # the same seed, the same interval
+    assert math.isnan(S.spearman_test([1, 1, 1], [1, 2, 3]).p)
+    with pytest.raises(ValueError, match="pairs"):
+        S.spearman_test([1, 2, 3], [1, 2])

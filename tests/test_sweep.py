@@ -245,3 +245,20 @@ def test_bench_cells_reports_aggregate_rates(tmp_path, monkeypatch):
     assert rows[2]["items_per_s"] > 0
     with pytest.raises(ValueError, match="unknown workload"):
         bench.main([*argv, "--modes", "infer"])
+
+
+@pytest.mark.parametrize("sizes, grid", [("toy-gpu-sizes", "toy-gpu"), ("toy-cpu-sizes", "toy-cpu-sweep")])
+def test_size_presets_hold_every_family_at_two_sizes_and_reuse_their_grids_runs(sizes, grid):
+    from vlmlab.encoders import create_encoder
+
+    s, g = load_preset(sizes), load_preset(grid)
+    assert s.world == g.world
+    base = sorted({n.removesuffix("-b") for n in s.encoders})
+    assert sorted(s.encoders) == sorted([*base, *(f"{n}-b" for n in base)])  # each toy encoder and its -b
+    families = {create_encoder(n).spec.family for n in s.encoders}
+    assert families == {"ssm", "hybrid", "vit", "cnn"}
+    # matched-init cells of the grid's encoders are the grid's own runs (same config, same run id),
+    # so the size study adds only the -b encoders' runs
+    ids = {d.name for d in suite.run_dirs(s).values()}
+    shared = ids & {d.name for d in suite.run_dirs(g).values()}
+    assert len(shared) == len(set(s.encoders) & set(g.encoders)) * len(s.seeds) > 0

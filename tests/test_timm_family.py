@@ -29,7 +29,7 @@ def toy_encoders() -> dict:
 
 
 def test_toys_are_registered():
-    assert {"toy-vit", "toy-vit-b", "toy-maxvit", "toy-mambaout"} <= set(TOYS)
+    assert {f"toy-{n}{b}" for n in ("vit", "maxvit", "mambaout") for b in ("", "-b")} <= set(TOYS)
     assert set(TOYS) <= set(list_encoders())
 
 
@@ -47,8 +47,9 @@ def test_toy_tokens_shape_and_finite(name, size):
     assert torch.isfinite(tokens).all()
 
 
-def test_toy_maxvit_runs_at_224():
-    enc = create_encoder("toy-maxvit", img_size=224).eval()
+@pytest.mark.parametrize("name", ["toy-maxvit", "toy-maxvit-b"])
+def test_toy_maxvit_runs_at_224(name):
+    enc = create_encoder(name, img_size=224).eval()
     with torch.no_grad():
         tokens = enc(_pixels(224, batch=1))
     assert tokens.shape == (1, 196, enc.spec.dim)

@@ -26,7 +26,7 @@ from vlmlab.encoders.vitdet import (
 )
 
 VARIANTS = ["B", "L", "H"]
-TOYS = ["toy-vitdet"]
+TOYS = {"toy-vitdet": "toy", "toy-vitdet-b": "toy-b"}  # registry name -> config
 TOL32 = dict(rtol=1e-4, atol=1e-4)  # the oracle README's fp32 check
 TOL64 = dict(rtol=1e-9, atol=1e-9)  # its stricter fp64 check
 STRING_KWARGS = ("norm_layer", "act_layer")  # written as text in the JSON; build_vitdet's defaults
@@ -273,7 +273,7 @@ def test_names_are_registered():
 @pytest.mark.parametrize("name", TOYS)
 def test_toy_encoder_contract(name):
     enc = create_encoder(name)
-    cfg = VITDET_CONFIGS["toy"]
+    cfg = VITDET_CONFIGS[TOYS[name]]
     assert enc.spec.family == "vit" and enc.spec.policy == "letterbox-corner"
     assert sum(b.window_size == 0 for b in enc.backbone.blocks) == 1  # one global block
     # the backbone part keeps the official layout under 'net.'
@@ -295,7 +295,7 @@ def test_toy_encoder_contract(name):
     with torch.no_grad():
         x = _pixels(64, 96)
         inter = enc.intermediates(x)
-        assert set(inter) == {"patch_embed", "last_feat", *(f"blocks.{i}" for i in range(4))}
+        assert set(inter) == {"patch_embed", "last_feat", *(f"blocks.{i}" for i in range(cfg["depth"]))}
         torch.testing.assert_close(inter["last_feat"], enc.forward_map(x), rtol=0, atol=0)
         assert enc.model(x).shape == (2, TOY_NUM_CLASSES)
     with pytest.raises(ValueError, match="multiples of 16"):
@@ -310,7 +310,7 @@ def test_toy_taps_and_grad_checkpointing(name):
     with torch.no_grad():
         torch.testing.assert_close(enc.eval().forward_map(x), enc.intermediates(x, ["blocks.1"])["blocks.1"])
     with pytest.raises(ValueError, match="unknown tap"):
-        create_encoder(name, tap="blocks.9")
+        create_encoder(name, tap="blocks.19")
 
     model = create_encoder(name).model.train()
     y = torch.arange(2)

@@ -11,7 +11,7 @@ Registered names (all random-init here; weights come from local files, never dow
 | convnext-t/s/b               | convnext_{tiny,small,base}.fb_in1k                | cnn    | stage2      |
 | mambaout-t/s/b               | mambaout_{tiny,small,base}.in1k                   | cnn    | stage2      |
 | efficientvim-m1..m4          | efficientvim_m{1..4}.e300_in1k                    | ssm    | stage0      |
-| toy-vit, toy-vit-b, toy-maxvit, toy-swin, toy-mambaout  | tiny configs of the same timm classes |
+| toy-vit(-b), toy-maxvit(-b), toy-swin, toy-mambaout(-b) | tiny configs of the same timm classes |
 
 The ViT weights are the IN1K-only `augreg_in1k` tags where timm has them (S, B); T and L exist in
 timm only as `augreg_in21k_ft_in1k` (the release's `in1kft-vit-*`). MambaOut is the control: a
@@ -267,18 +267,26 @@ _CONFIGS["toy-vit-b"] = _toy(
 )
 # MaxViT window = grid = img_size // 32 (timm's partition_ratio), so the last stage tiles at 32 px (1x1),
 # 64 px (2x2) and 224 px (7x7); rel-pos tables follow the window and timm's filter resizes them on load.
-_CONFIGS["toy-maxvit"] = _toy(
-    _maxvit(
-        "maxvit_tiny_tf_224",
-        "",
-        "toy MaxViT (dims 16-128, depths 1-1-1-1)",
-        embed_dim=(16, 32, 64, 128),
-        depths=(1, 1, 1, 1),
-        stem_width=16,
-        head_hidden_size=128,
-        transformer_dim_head=8,  # timm's 32 would leave a 16-d stage with no attention head
+
+
+def _toy_maxvit(label: str, dims: tuple[int, ...], depths: tuple[int, ...]) -> TimmConfig:
+    stem = f"{label} (dims {dims[0]}-{dims[-1]}, depths {'-'.join(map(str, depths))})"
+    return _toy(
+        _maxvit(
+            "maxvit_tiny_tf_224",
+            "",
+            stem,
+            embed_dim=dims,
+            depths=depths,
+            stem_width=dims[0],
+            head_hidden_size=dims[-1],
+            transformer_dim_head=8,  # timm's 32 would leave a 16-d stage with no attention head
+        )
     )
-)
+
+
+_CONFIGS["toy-maxvit"] = _toy_maxvit("toy MaxViT", (16, 32, 64, 128), (1, 1, 1, 1))
+_CONFIGS["toy-maxvit-b"] = _toy_maxvit("toy MaxViT-B", (24, 48, 96, 192), (1, 1, 2, 1))
 # Swin pads maps to its window and shrinks windows larger than the map: any multiple of 32 works.
 _CONFIGS["toy-swin"] = _toy(
     _swin(
@@ -291,16 +299,15 @@ _CONFIGS["toy-swin"] = _toy(
         window_size=4,
     )
 )
-_CONFIGS["toy-mambaout"] = _toy(
-    _convnet(
-        mambaout,
-        "mambaout_tiny",
-        "",
-        "toy MambaOut (dims 16-96, depths 1-1-2-1)",
-        dims=(16, 32, 64, 96),
-        depths=(1, 1, 2, 1),
-    )
-)
+
+
+def _toy_mambaout(label: str, dims: tuple[int, ...], depths: tuple[int, ...]) -> TimmConfig:
+    stem = f"{label} (dims {dims[0]}-{dims[-1]}, depths {'-'.join(map(str, depths))})"
+    return _toy(_convnet(mambaout, "mambaout_tiny", "", stem, dims=dims, depths=depths))
+
+
+_CONFIGS["toy-mambaout"] = _toy_mambaout("toy MambaOut", (16, 32, 64, 96), (1, 1, 2, 1))
+_CONFIGS["toy-mambaout-b"] = _toy_mambaout("toy MambaOut-B", (24, 48, 96, 192), (1, 1, 3, 1))
 
 
 # ----------------------------------------------------------------------------------------------

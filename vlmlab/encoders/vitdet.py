@@ -552,6 +552,18 @@ VITDET_CONFIGS: dict[str, dict] = {
         window_block_indexes=[0, 1, 2],
         pretrain_img_size=64,
     ),
+    # toy-b: the same layout wider and deeper (d96, depth 6, 4 heads: toy-vit-b's size), last block global
+    "toy-b": dict(
+        _BASE,
+        img_size=64,
+        embed_dim=96,
+        depth=6,
+        num_heads=4,
+        drop_path_rate=0.0,
+        window_size=2,
+        window_block_indexes=[0, 1, 2, 3, 4],
+        pretrain_img_size=64,
+    ),
 }
 
 
@@ -596,7 +608,7 @@ def _create_vitdet(
     **kw,
 ) -> ViTDetEncoder:
     cfg = {**VITDET_CONFIGS[variant], **kw}
-    toy = variant == "toy"
+    toy = variant.startswith("toy")
     with torch.device(device) if device is not None else nullcontext():
         model: nn.Module = ToyViTDetClassifier(**cfg) if toy else ViT(**cfg)
     model = model.to(dtype) if dtype is not None else model
@@ -618,7 +630,7 @@ def _create_vitdet(
         name=name,
         family="vit",
         variant=(
-            f"ViTDet {'toy' if toy else variant.upper()} (d{dim}, depth {depth}, "
+            f"ViTDet {variant if toy else variant.upper()} (d{dim}, depth {depth}, "
             f"window {cfg['window_size']}, global blocks {global_blocks})"
         ),
         input_size=(size, size),
@@ -651,3 +663,8 @@ def vitdet_h(tap: str | None = None, img_size: int | None = None, **kw) -> ViTDe
 @register_encoder("toy-vitdet")
 def toy_vitdet(tap: str | None = None, img_size: int | None = None, **kw) -> ViTDetEncoder:
     return _create_vitdet("toy", "toy-vitdet", tap, img_size, **kw)
+
+
+@register_encoder("toy-vitdet-b")
+def toy_vitdet_b(tap: str | None = None, img_size: int | None = None, **kw) -> ViTDetEncoder:
+    return _create_vitdet("toy-b", "toy-vitdet-b", tap, img_size, **kw)

@@ -269,13 +269,16 @@ _CONFIGS["toy-vit-b"] = _toy(
 # 64 px (2x2) and 224 px (7x7); rel-pos tables follow the window and timm's filter resizes them on load.
 
 
+def _sized(label: str, dims: tuple[int, ...], depths: tuple[int, ...]) -> str:
+    return f"{label} (dims {dims[0]}-{dims[-1]}, depths {'-'.join(map(str, depths))})"
+
+
 def _toy_maxvit(label: str, dims: tuple[int, ...], depths: tuple[int, ...]) -> TimmConfig:
-    stem = f"{label} (dims {dims[0]}-{dims[-1]}, depths {'-'.join(map(str, depths))})"
     return _toy(
         _maxvit(
             "maxvit_tiny_tf_224",
             "",
-            stem,
+            _sized(label, dims, depths),
             embed_dim=dims,
             depths=depths,
             stem_width=dims[0],
@@ -302,8 +305,9 @@ _CONFIGS["toy-swin"] = _toy(
 
 
 def _toy_mambaout(label: str, dims: tuple[int, ...], depths: tuple[int, ...]) -> TimmConfig:
-    stem = f"{label} (dims {dims[0]}-{dims[-1]}, depths {'-'.join(map(str, depths))})"
-    return _toy(_convnet(mambaout, "mambaout_tiny", "", stem, dims=dims, depths=depths))
+    return _toy(
+        _convnet(mambaout, "mambaout_tiny", "", _sized(label, dims, depths), dims=dims, depths=depths)
+    )
 
 
 _CONFIGS["toy-mambaout"] = _toy_mambaout("toy MambaOut", (16, 32, 64, 96), (1, 1, 2, 1))

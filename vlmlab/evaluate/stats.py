@@ -233,13 +233,16 @@ def _rank_pairs(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.
     return _ranks(x), _ranks(y)
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (ties get their average rank); nan with fewer than 3 pairs or a
-    constant side."""
-    rx, ry = _rank_pairs(x, y)
+def _rank_corr(rx: np.ndarray, ry: np.ndarray) -> float:
     if len(rx) < 3 or rx.std() == 0 or ry.std() == 0:
         return float("nan")
     return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties get their average rank); nan with fewer than 3 pairs or a
+    constant side."""
+    return _rank_corr(*_rank_pairs(x, y))
 
 
 class RankTest(NamedTuple):
@@ -267,7 +270,7 @@ def spearman_test(
     """
     rx, ry = _rank_pairs(x, y)
     n = len(rx)
-    rho = spearman(x, y)
+    rho = _rank_corr(rx, ry)
     if math.isnan(rho):
         return RankTest(rho, float("nan"), float("nan"), float("nan"), n)
     rng = np.random.default_rng(seed)

@@ -280,11 +280,13 @@ def spearman_test(
     # rank correlation under a permutation of y: only the cross term changes
     cx, cy = rx - rx.mean(), ry - ry.mean()
     denom = np.sqrt((cx**2).sum() * (cy**2).sum())
+
+    def hits(orders: np.ndarray) -> int:  # orders whose |rho| reaches the observed one
+        return int(np.sum(np.abs(cy[orders] @ cx / denom) >= abs(rho) * (1 - 1e-12)))
+
     if n <= 8:
         orders = np.array(list(itertools.permutations(range(n))))
-        p = float(np.mean(np.abs(cy[orders] @ cx / denom) >= abs(rho) * (1 - 1e-12)))
+        p = hits(orders) / len(orders)
     else:
-        orders = rng.permuted(np.tile(np.arange(n), (n_perm, 1)), axis=1)
-        hits = int(np.sum(np.abs(cy[orders] @ cx / denom) >= abs(rho) * (1 - 1e-12)))
-        p = (1 + hits) / (1 + n_perm)
+        p = (1 + hits(rng.permuted(np.tile(np.arange(n), (n_perm, 1)), axis=1))) / (1 + n_perm)
     return RankTest(rho, float(lo), float(hi), p, n)
